@@ -1,0 +1,393 @@
+"""Typed run configuration: dataclasses, TOML files and ``key=value`` overrides.
+
+A :class:`RunConfig` has one section per stage (``data``, ``model``,
+``augment``, ``experts``, ``distill``, ``evaluate``) plus top-level keys and
+``options``: per-plugin tables declared by plugins through the
+``astkit_plugin_options`` hook. Defaults reproduce MTT; the published
+per-dataset hyper-parameters are in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from astkit.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, from where."""
+
+    dataset: str = "digits"
+    root: str | None = None
+    download: bool = False
+    zca: bool = False
+    zca_eps: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    """The network experts and the student use (``None`` = the model's default)."""
+
+    name: str = "convnet"
+    width: int | None = None
+    depth: int | None = None
+    norm: str | None = None
+    activation: str | None = None
+    pooling: str | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None}
+
+
+@dataclass
+class AugmentConfig:
+    """Differentiable siamese augmentation (DSA), shared by the three stages."""
+
+    strategy: str = "color_crop_cutout_flip_scale_rotate"
+    mode: str = "single"
+
+
+@dataclass
+class ExpertConfig:
+    """Stage 1: training expert trajectories."""
+
+    num_experts: int = 5
+    epochs: int = 20
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    lr_decay: float = 1.0
+    lr_decay_epoch: int | None = None
+    reset_optimizer_on_decay: bool = False
+    augment: bool = True
+    dir: str | None = None
+
+
+@dataclass
+class DistillConfig:
+    """Stage 2: matching the student to the experts."""
+
+    ipc: int = 10
+    iterations: int = 1000
+    syn_steps: int = 20
+    expert_epochs: int = 2
+    max_start_epoch: int = 10
+    lr_img: float = 1000.0
+    lr_lr: float = 1e-5
+    lr_teacher: float = 0.01
+    img_momentum: float = 0.5
+    lr_momentum: float = 0.5
+    learn_lr: bool = True
+    batch_syn: int | None = None
+    student_momentum: float = 0.0
+    augment: bool = True
+    eval_every: int = 0
+    checkpoint_every: int = 100
+
+
+@dataclass
+class EvalConfig:
+    """Stage 3: training fresh networks on the distilled set."""
+
+    models: list[str] = field(default_factory=list)
+    num_nets: int = 5
+    epochs: int = 1000
+    batch_size: int = 256
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_decay: float = 0.1
+    augment: bool = True
+    report_max: bool = False
+    test_every: int = 20
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "augment": AugmentConfig,
+    "experts": ExpertConfig,
+    "distill": DistillConfig,
+    "evaluate": EvalConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. Build with :meth:`load` or field by field."""
+
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/astkit"
+    plugins: list[str] = field(default_factory=list)
+    disable: list[str] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- build
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """A config from nested dicts (as TOML gives), validated."""
+        config = cls()
+        for key, value in data.items():
+            if key in SECTIONS:
+                if not isinstance(value, dict):
+                    raise UserError(f"config section [{key}] must be a table, got {value!r}")
+                for sub, subvalue in value.items():
+                    config.set(f"{key}.{sub}", subvalue)
+            elif key == "options":
+                if not isinstance(value, dict):
+                    raise UserError("config section [options] must hold one table per plugin")
+                for ns, table in value.items():
+                    if not isinstance(table, dict):
+                        raise UserError(f"config section [options.{ns}] must be a table")
+                    for sub, subvalue in table.items():
+                        config.set(f"{ns}.{sub}", subvalue)
+            else:
+                config.set(key, value)
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "RunConfig":
+        """Read a TOML file (optional) and apply ``key=value`` overrides."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise UserError(f"config file {path} does not exist")
+            try:
+                data = tomllib.loads(path.read_text())
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+        config = cls.from_dict(data)
+        for item in overrides or []:
+            config.apply_override(item)
+        return config
+
+    def apply_override(self, item: str) -> None:
+        """Apply one ``section.key=value`` (or ``plugin.key=value``) string."""
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"override {item!r} is not of the form key=value (e.g. distill.ipc=10)")
+        self.set(key.strip(), parse_value(raw.strip()))
+
+    def set(self, key: str, value: Any) -> None:
+        """Set a dotted key, converting ``value`` to the field's type."""
+        head, _, rest = key.partition(".")
+        if head in SECTIONS and rest:
+            _set_field(getattr(self, head), rest, value, prefix=f"{head}.")
+        elif not rest and head in _field_types(RunConfig) and head not in SECTIONS and head != "options":
+            _set_field(self, head, value, prefix="")
+        elif rest and "." not in rest:
+            self.options.setdefault(head, {})[rest] = value
+        else:
+            raise UserError(f"unknown config key {key!r}; see `astkit run --help` or docs/configuration.md")
+
+    # --------------------------------------------------------------- plugins
+    def plugin(self, namespace: str) -> dict[str, Any]:
+        """The options of one plugin (defaults merged in by the engine)."""
+        return self.options.get(namespace, {})
+
+    def resolve_options(self, declared: dict[str, dict[str, Any]]) -> None:
+        """Merge plugin defaults into ``options``; reject unknown keys; cast types."""
+        for ns, table in self.options.items():
+            if ns not in declared:
+                known = ", ".join(sorted(declared)) or "none"
+                raise UserError(f"unknown config section {ns!r}; plugin option namespaces: {known}")
+            for key in table:
+                if key not in declared[ns]:
+                    raise UserError(
+                        f"unknown option {ns}.{key}; {ns} has: {', '.join(sorted(declared[ns]))}"
+                    )
+        for ns, defaults in declared.items():
+            table = self.options.setdefault(ns, {})
+            for key, default in defaults.items():
+                if key in table:
+                    table[key] = _coerce(table[key], type(default) if default is not None else Any, f"{ns}.{key}")
+                else:
+                    table[key] = copy.deepcopy(default)
+
+    # ---------------------------------------------------------------- output
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return _drop_none(data)
+
+    def to_toml(self) -> str:
+        """The config as TOML text (``None`` values are omitted)."""
+        return dump_toml(self.to_dict())
+
+    def validate(self) -> None:
+        """Range checks that do not need the data (raise UserError)."""
+        d, e, v = self.distill, self.experts, self.evaluate
+        checks = [
+            (d.ipc >= 1, "distill.ipc must be >= 1"),
+            (d.syn_steps >= 1, "distill.syn_steps must be >= 1"),
+            (d.expert_epochs >= 1, "distill.expert_epochs must be >= 1"),
+            (d.max_start_epoch >= 1, "distill.max_start_epoch must be >= 1"),
+            (d.iterations >= 0, "distill.iterations must be >= 0"),
+            (d.lr_img > 0, "distill.lr_img must be > 0"),
+            (d.lr_teacher > 0, "distill.lr_teacher must be > 0"),
+            (d.lr_lr >= 0, "distill.lr_lr must be >= 0"),
+            (d.batch_syn is None or d.batch_syn >= 1, "distill.batch_syn must be >= 1 (or unset for all)"),
+            (0 <= d.student_momentum < 1, "distill.student_momentum must be in [0, 1)"),
+            (d.checkpoint_every >= 0 and d.eval_every >= 0, "distill.checkpoint_every and eval_every must be >= 0"),
+            (e.num_experts >= 1, "experts.num_experts must be >= 1"),
+            (e.epochs >= 1, "experts.epochs must be >= 1"),
+            (e.lr > 0, "experts.lr must be > 0"),
+            (e.batch_size >= 1, "experts.batch_size must be >= 1"),
+            (e.optimizer in ("sgd", "adam"), f"experts.optimizer must be 'sgd' or 'adam', got {e.optimizer!r}"),
+            (0 <= e.momentum < 1, "experts.momentum must be in [0, 1)"),
+            (v.num_nets >= 1, "evaluate.num_nets must be >= 1"),
+            (v.epochs >= 1, "evaluate.epochs must be >= 1"),
+            (v.batch_size >= 1, "evaluate.batch_size must be >= 1"),
+            (v.lr is None or v.lr > 0, "evaluate.lr must be > 0 (or unset to use the learned lr)"),
+            (self.augment.mode in ("single", "multiple"), "augment.mode must be 'single' or 'multiple'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        if d.max_start_epoch + d.expert_epochs > e.epochs:
+            raise UserError(
+                f"distill.max_start_epoch + distill.expert_epochs = {d.max_start_epoch + d.expert_epochs} "
+                f"exceeds experts.epochs = {e.epochs}; lower max_start_epoch or train longer experts"
+            )
+
+
+# ------------------------------------------------------------------ helpers
+def parse_value(raw: str) -> Any:
+    """A ``--set`` value: TOML syntax (numbers, booleans, lists), else a string."""
+    if raw.lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if "," in raw:
+            return [part.strip() for part in raw.split(",") if part.strip()]
+        return raw
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _set_field(obj, name: str, value: Any, prefix: str) -> None:
+    types_ = _field_types(type(obj))
+    if name not in types_:
+        known = ", ".join(f.name for f in dataclasses.fields(obj))
+        raise UserError(f"unknown config key {prefix}{name!r}; known keys in this section: {known}")
+    setattr(obj, name, _coerce(value, types_[name], prefix + name))
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert ``value`` to ``annotation`` (int, float, bool, str, list, optional)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if annotation is Any:
+        return value
+    if origin is list or annotation is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key {key} expects a list, got {value!r}")
+        (item,) = typing.get_args(annotation) or (Any,)
+        return [_coerce(v, item, key) for v in value]
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key {key} expects a table, got {value!r}")
+        return value
+    if value is None:
+        raise UserError(f"config key {key} cannot be empty")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise UserError(f"config key {key} expects true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UserError(f"config key {key} expects an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise UserError(f"config key {key} expects an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise UserError(f"config key {key} expects an integer, got {value!r}")
+        return int(as_float)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise UserError(f"config key {key} expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"config key {key} expects a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"config key {key} expects a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Minimal TOML writer for configs (scalars, lists, nested tables)."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+
+    def emit(prefix: str, table: dict) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        subs = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if scalars or not subs:
+            lines.append("")
+            lines.append(f"[{prefix}]")
+            for k, v in scalars.items():
+                lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        for k, v in subs.items():
+            emit(f"{prefix}.{_toml_key(k)}", v)
+
+    for key, table in tables:
+        emit(_toml_key(key), table)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else f'"{key}"'
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

@@ -1,0 +1,347 @@
+"""The public entry point: ``Engine(config).run()`` or the stages one by one.
+
+>>> engine = Engine(RunConfig.load(overrides=["distill.ipc=10"]))
+>>> experts = engine.train_experts()
+>>> distilled = engine.distill(experts)
+>>> result = engine.evaluate(distilled)
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from astkit import store
+from astkit.augment import DSA, build_augmentation
+from astkit.config import RunConfig
+from astkit.data import BUILTIN_DATASETS, Dataset, load_dataset
+from astkit.distill import Distiller
+from astkit.errors import FileFormatError, UserError
+from astkit.evaluate import train_on_synthetic
+from astkit.experts import expert_seed, train_expert
+from astkit.functional import FlatModel
+from astkit.models import BUILTIN_MODELS
+from astkit.plugins import PluginSet, collect_registrations, declared_options
+from astkit.progress import Progress
+from astkit.results import ArchitectureResult, DistilledSet, EvaluationResult, RunResult
+from astkit.trajectory import ModelSpec, Trajectory
+
+
+class Engine:
+    """Runs AST/MTT's three stages with the plugins a config selects.
+
+    :param config: the run's configuration (default: MTT on digits).
+    :param plugins: extra plugin objects or modules to enable for this
+        engine, in addition to ``config.plugins`` (which name installed
+        entry-point plugins and presets).
+    :param dataset: an already loaded :class:`astkit.data.Dataset` to use
+        instead of ``config.data``.
+    :param progress: receives progress of the long loops (default: silent).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig | None = None,
+        *,
+        plugins: Iterable[Any] = (),
+        dataset: Dataset | None = None,
+        progress: Progress | None = None,
+    ):
+        self.config = config if config is not None else RunConfig()
+        self.config.validate()
+        self.progress = progress or Progress()
+        self.plugin_set = PluginSet.discover()
+        extra = [self.plugin_set.add(p) for p in plugins]
+        self.enabled = self.plugin_set.resolve([*self.config.plugins, *extra], self.config.disable)
+        self.pm = self.plugin_set.manager(self.enabled)
+        catalog = self.plugin_set.catalog()
+        self.models = collect_registrations(catalog, "model", BUILTIN_MODELS)
+        self.datasets = collect_registrations(catalog, "dataset", BUILTIN_DATASETS)
+        self.config.resolve_options(declared_options(catalog))
+        if self.config.model.name not in self.models:
+            raise UserError(f"unknown model {self.config.model.name!r}; known models: {', '.join(sorted(self.models))}")
+        if dataset is None and self.config.data.dataset not in self.datasets:
+            raise UserError(
+                f"unknown dataset {self.config.data.dataset!r}; known datasets: {', '.join(sorted(self.datasets))}"
+            )
+        self._dataset = dataset
+        self.device = resolve_device(self.config.device)
+        a = self.config.augment
+        self.augment: DSA = build_augmentation(a.strategy, a.mode)
+
+    # ------------------------------------------------------------- basics
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def dataset(self) -> Dataset:
+        """The real dataset, loaded once on first use."""
+        if self._dataset is None:
+            d = self.config.data
+            self._dataset = load_dataset(
+                d.dataset, d.root, download=d.download, zca=d.zca, zca_eps=d.zca_eps, registry=self.datasets
+            )
+        return self._dataset
+
+    @cached_property
+    def model_spec(self) -> ModelSpec:
+        """The run's network: the config's model on this dataset's shapes."""
+        ds = self.dataset
+        spec = ModelSpec(self.config.model.name, ds.channels, ds.num_classes, tuple(ds.image_size),
+                         self.config.model.options())
+        spec.build(self.models)  # fail early on bad options
+        return spec
+
+    def metadata(self) -> dict[str, Any]:
+        """What every file of this run records about it."""
+        return {
+            "config": self.config.to_dict(),
+            "dataset": self.dataset.metadata(),
+            "model": self.model_spec.to_json(),
+            "plugins": self.plugin_set.versions(self.enabled),
+        }
+
+    # ----------------------------------------------------------- stage 1
+    def experts_dir(self) -> Path:
+        return Path(self.config.experts.dir) if self.config.experts.dir else self.out / "experts"
+
+    def train_experts(self, indices: Iterable[int] | None = None) -> list[Trajectory]:
+        """Train experts (all, or those in ``indices``) and write one file each."""
+        e = self.config.experts
+        indices = list(range(e.num_experts)) if indices is None else list(indices)
+        directory = self.experts_dir()
+        trajectories = []
+        for index in indices:
+            task = f"expert {index + 1}/{e.num_experts}"
+            self.progress.start("expert", task, e.epochs)
+            trajectory = train_expert(
+                index, self.dataset, self.model_spec, self.config, self.pm, self.augment,
+                registry=self.models, device=self.device,
+                on_epoch=lambda ep, loss, acc: self.progress.advance("expert", loss=loss, test_acc=acc),
+            )
+            self.progress.stop("expert")
+            trajectory.registry = self.models
+            trajectory.meta.update(plugins=self.plugin_set.versions(self.enabled), config=self.config.to_dict())
+            trajectory.save(directory / f"expert_{index:03d}.safetensors")
+            self.pm.hook.astkit_on_expert_trained(index=index, trajectory=trajectory, config=self.config)
+            self.progress.log(
+                f"expert {index}: test acc {trajectory.test_accuracy[-1]:.4f}, Avg_Var {trajectory.avg_var:.4g}"
+            )
+            trajectories.append(trajectory)
+        return trajectories
+
+    def load_experts(self, directory: str | Path | None = None) -> list[Trajectory]:
+        """Read every ``*.safetensors`` trajectory of a folder and check it fits."""
+        directory = Path(directory) if directory is not None else self.experts_dir()
+        files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+        if not files:
+            raise UserError(f"no expert trajectories in {directory}; run `astkit experts` first or set experts.dir")
+        experts = [Trajectory.load(f) for f in files]
+        for path, trajectory in zip(files, experts):
+            self.check_expert(trajectory, path)
+            trajectory.registry = self.models
+        return experts
+
+    def check_expert(self, trajectory: Trajectory, path: Path | str = "expert") -> None:
+        """Raise if a trajectory was made for another model, data or is too short."""
+        spec = self.model_spec
+        if trajectory.model != spec:
+            raise FileFormatError(
+                f"{path}: made for {_describe(trajectory.model)}, this run uses {_describe(spec)}; "
+                "point experts.dir at matching experts or retrain them"
+            )
+        made_on = trajectory.meta.get("dataset", {}).get("name")
+        if made_on and made_on != self.dataset.name:
+            raise FileFormatError(f"{path}: trained on {made_on}, this run distils {self.dataset.name}")
+        d = self.config.distill
+        if trajectory.num_epochs < d.max_start_epoch + d.expert_epochs:
+            raise UserError(
+                f"{path}: has {trajectory.num_epochs} epochs, but max_start_epoch + expert_epochs = "
+                f"{d.max_start_epoch + d.expert_epochs}; lower distill.max_start_epoch"
+            )
+
+    # ----------------------------------------------------------- stage 2
+    def init_synthetic(self, experts: list[Trajectory], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The starting images, from the ``astkit_init_synthetic`` hook."""
+        ipc, ds = self.config.distill.ipc, self.dataset
+        smallest = min(len(i) for i in ds.class_indices())
+        if ipc > smallest:
+            raise UserError(f"distill.ipc = {ipc} exceeds the smallest class of {ds.name} ({smallest} images)")
+        answer = self.pm.hook.astkit_init_synthetic(
+            dataset=ds, ipc=ipc, experts=experts, generator=generator, config=self.config
+        )
+        images, labels = answer
+        expected = (ipc * ds.num_classes, ds.channels, *ds.image_size)
+        if tuple(images.shape) != expected or labels.shape != (expected[0],):
+            raise UserError(
+                f"astkit_init_synthetic returned images {tuple(images.shape)}, expected {expected} with labels"
+            )
+        return images.float(), labels.long()
+
+    def make_distiller(self, experts: list[Trajectory]) -> Distiller:
+        """A distiller at iteration 0 (initial images from the init hook)."""
+        for trajectory in experts:
+            self.check_expert(trajectory)
+            if trajectory.registry is None:
+                trajectory.registry = self.models
+        generator = torch.Generator().manual_seed(self.config.seed)
+        torch.manual_seed(self.config.seed)
+        images, labels = self.init_synthetic(experts, generator)
+        student = FlatModel(self.model_spec.build(self.models).to(self.device))
+        return Distiller(self.config, self.pm, experts, student, self.augment, images, labels,
+                         generator=generator, device=self.device)
+
+    def distill(self, experts: list[Trajectory] | None = None, *, resume: bool | str | Path = False) -> DistilledSet:
+        """Run ``distill.iterations`` iterations; return the distilled set.
+
+        Writes ``checkpoint.safetensors`` every ``checkpoint_every``
+        iterations and on Ctrl-C, ``distilled.safetensors`` at the end, and
+        ``metrics.jsonl``. ``resume=True`` continues from the run's
+        checkpoint (or from the given checkpoint path).
+        """
+        experts = experts if experts is not None else self.load_experts()
+        d = self.config.distill
+        distiller = self.make_distiller(experts)
+        if resume:
+            path = self.out / "checkpoint.safetensors" if resume is True else Path(resume)
+            distiller.load_checkpoint(path)
+            self.progress.log(f"resumed from {path} at iteration {distiller.iteration}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        store.atomic_write_text(self.out / "config.toml", self.config.to_toml())
+        log = MetricsLog(self.out / "metrics.jsonl", [m.to_json() for m in distiller.history])
+        meta = self.metadata()
+        self.progress.start("distill", "distilling", d.iterations)
+        self.progress.advance("distill", distiller.iteration)
+        try:
+            while distiller.iteration < d.iterations:
+                metrics = distiller.step()
+                log.write({"event": "iteration", **metrics.to_json()})
+                self.pm.hook.astkit_on_iteration_end(metrics=metrics, images=distiller.images.detach(), config=self.config)
+                self.progress.advance(
+                    "distill", loss=metrics.loss, lr=metrics.lr, start=metrics.start_epoch
+                )
+                it = distiller.iteration
+                if d.checkpoint_every and it % d.checkpoint_every == 0 and it < d.iterations:
+                    self._checkpoint(distiller, meta)
+                if d.eval_every and it % d.eval_every == 0 and it < d.iterations:
+                    result = self.evaluate(distiller.distilled(meta, self._zca()), iteration=it)
+                    log.write({"event": "evaluation", "iteration": it, **result.to_json()})
+        except KeyboardInterrupt:
+            self._checkpoint(distiller, meta)
+            self.progress.log(f"interrupted: checkpoint written at iteration {distiller.iteration}; use --resume")
+            raise
+        finally:
+            self.progress.stop("distill")
+        distilled = distiller.distilled(meta, self._zca())
+        path = distilled.save(self.out / "distilled.safetensors")
+        self._checkpoint(distiller, meta)
+        self.pm.hook.astkit_on_checkpoint_written(path=str(path), iteration=distilled.iteration, config=self.config)
+        self.history = distiller.history
+        return distilled
+
+    def _checkpoint(self, distiller: Distiller, meta: dict[str, Any]) -> None:
+        path = distiller.save_checkpoint(self.out / "checkpoint.safetensors", meta)
+        self.pm.hook.astkit_on_checkpoint_written(path=str(path), iteration=distiller.iteration, config=self.config)
+
+    def _zca(self) -> dict[str, torch.Tensor]:
+        zca = self.dataset.zca
+        return zca.tensors() if zca is not None else {}
+
+    # ----------------------------------------------------------- stage 3
+    def evaluate(
+        self, distilled: DistilledSet, models: list[str] | None = None, *, iteration: int | None = None
+    ) -> EvaluationResult:
+        """Train ``evaluate.num_nets`` fresh networks per architecture; test each."""
+        v, ds = self.config.evaluate, self.dataset
+        names = models or v.models or [self.config.model.name]
+        self._check_distilled(distilled)
+        lr = v.lr if v.lr is not None else distilled.lr
+        results = {}
+        for name in names:
+            options = self.config.model.options() if name == self.config.model.name else {}
+            spec = ModelSpec(name, ds.channels, ds.num_classes, tuple(ds.image_size), options)
+            finals, maxima = [], []
+            self.progress.start("evaluate", f"evaluating {name}", v.num_nets)
+            for net in range(v.num_nets):
+                seed = expert_seed(self.config.seed + 7_777_777, net)
+                torch.manual_seed(seed)
+                generator = torch.Generator().manual_seed(seed)
+                model = spec.build(self.models).to(self.device)
+                final, best = train_on_synthetic(
+                    model, distilled.images, distilled.labels, lr, v, self.augment,
+                    ds.test_images, ds.test_labels, generator=generator,
+                )
+                finals.append(final)
+                if best is not None:
+                    maxima.append(best)
+                self.progress.advance("evaluate", acc=final)
+            self.progress.stop("evaluate")
+            results[name] = ArchitectureResult(name, finals, maxima)
+        result = EvaluationResult(results, lr, v.epochs)
+        self.pm.hook.astkit_on_evaluation_done(result=result, iteration=iteration, config=self.config)
+        return result
+
+    def _check_distilled(self, distilled: DistilledSet) -> None:
+        ds = self.dataset
+        made_on = distilled.meta.get("dataset", {}).get("name")
+        if made_on and made_on != ds.name:
+            raise FileFormatError(f"the distilled set was made from {made_on}, this run tests on {ds.name}")
+        if tuple(distilled.images.shape[1:]) != (ds.channels, *ds.image_size):
+            raise FileFormatError(
+                f"distilled images are {tuple(distilled.images.shape[1:])}, {ds.name} has "
+                f"{(ds.channels, *ds.image_size)}"
+            )
+        if int(distilled.labels.max()) >= ds.num_classes:
+            raise FileFormatError(f"distilled labels exceed the {ds.num_classes} classes of {ds.name}")
+        if bool(distilled.zca) != (ds.zca is not None):
+            raise FileFormatError("the distilled set and this run disagree on ZCA whitening; set data.zca to match")
+
+    # ---------------------------------------------------------------- all
+    def run(self, *, resume: bool = False) -> RunResult:
+        """Experts (trained, or loaded from ``experts.dir``), distillation, evaluation."""
+        if self.config.experts.dir:
+            experts = self.load_experts()
+        else:
+            experts = self.train_experts()
+        distilled = self.distill(experts, resume=resume)
+        evaluation = self.evaluate(distilled)
+        MetricsLog(self.out / "metrics.jsonl").write({"event": "final_evaluation", **evaluation.to_json()})
+        return RunResult(experts, distilled, evaluation, list(self.history), self.out)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, appended as a run goes."""
+
+    def __init__(self, path: Path, restart_from: list[dict] | None = None):
+        self.path = path
+        if restart_from is not None:
+            lines = "".join(json.dumps({"event": "iteration", **m}) + "\n" for m in restart_from)
+            store.atomic_write_text(path, lines)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:1``, ``mps`` or ``auto`` (the best available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda requested but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def _describe(spec: ModelSpec) -> str:
+    options = ",".join(f"{k}={v}" for k, v in sorted(spec.options.items()))
+    size = "x".join(str(s) for s in spec.image_size)
+    return f"{spec.name}({options}) on {spec.channels}x{size} images, {spec.num_classes} classes"

@@ -1,0 +1,227 @@
+"""Finding, selecting and combining astkit plugins.
+
+Plugins are discovered through the ``astkit`` entry-point group, exactly as
+for a third-party package (astkit's own AST techniques included)::
+
+    [project.entry-points.astkit]
+    my-technique = "my_package.my_module"
+
+The entry-point name is the plugin's name. Loading every installed plugin is
+cheap and safe: one that fails to import is recorded with the reason and the
+others keep working. Which plugins *act* on a run is the user's choice
+(``plugins = ["ast"]``, ``--plugins a,b``, ``-p no:NAME``); the MTT baseline
+in :mod:`astkit._defaults` is always registered last.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pluggy
+
+from astkit import _defaults, hookspecs
+from astkit.errors import PluginError
+
+ENTRY_POINT_GROUP = "astkit"
+DEFAULTS_NAME = "astkit.defaults"
+
+
+@dataclass
+class PluginInfo:
+    """An installed plugin that loaded."""
+
+    name: str
+    plugin: Any
+    entry_point: str = ""
+    distribution: str = ""
+    version: str = ""
+
+    @property
+    def hooks(self) -> list[str]:
+        return sorted(n for n in dir(self.plugin) if n.startswith("astkit_") and callable(getattr(self.plugin, n)))
+
+
+@dataclass
+class FailedPlugin:
+    """An installed plugin that could not be loaded."""
+
+    name: str
+    entry_point: str
+    error: str
+
+
+@dataclass
+class Preset:
+    name: str
+    plugins: list[str]
+    description: str = ""
+
+
+@dataclass
+class PluginSet:
+    """Every installed plugin, the presets they declare, and load failures."""
+
+    available: dict[str, PluginInfo] = field(default_factory=dict)
+    failed: list[FailedPlugin] = field(default_factory=list)
+
+    # ------------------------------------------------------------ discovery
+    @classmethod
+    def discover(cls, extra: Iterable[Any] = ()) -> "PluginSet":
+        """Load every ``astkit`` entry point, plus ``extra`` plugin objects."""
+        found = cls()
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if ep.name in found.available:
+                continue  # the same distribution seen twice on sys.path
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken plugin must not break the others
+                found.failed.append(FailedPlugin(ep.name, ep.value, f"{type(exc).__name__}: {exc}"))
+                continue
+            dist = ep.dist
+            found.available[ep.name] = PluginInfo(
+                ep.name, plugin, ep.value, dist.name if dist else "", dist.version if dist else ""
+            )
+        for plugin in extra:
+            found.add(plugin)
+        return found
+
+    def add(self, plugin: Any, name: str | None = None) -> str:
+        """Make a plugin object available under ``name`` (default: its own)."""
+        name = name or getattr(plugin, "astkit_plugin_name", None) or getattr(plugin, "__name__", None)
+        name = name or type(plugin).__name__
+        if name in self.available and self.available[name].plugin is not plugin:
+            raise PluginError(f"a plugin named {name!r} is already installed; give yours another name")
+        module = getattr(plugin, "__module__", None) or getattr(plugin, "__name__", "")
+        self.available[name] = PluginInfo(name, plugin, module, "", str(getattr(plugin, "__version__", "")))
+        return name
+
+    # -------------------------------------------------------------- catalog
+    def catalog(self) -> pluggy.PluginManager:
+        """A manager holding every installed plugin, for registration hooks."""
+        pm = _new_manager()
+        for info in self.available.values():
+            pm.register(info.plugin, name=info.name)
+        return pm
+
+    def presets(self) -> dict[str, Preset]:
+        """Every preset declared by an installed plugin."""
+        presets: dict[str, Preset] = {}
+
+        def register(name: str, plugins: list[str], description: str = "") -> None:
+            if name in presets:
+                raise PluginError(f"preset {name!r} is registered twice")
+            if name in self.available:
+                raise PluginError(f"preset {name!r} has the name of an installed plugin; rename it")
+            presets[name] = Preset(name, list(plugins), description)
+
+        self.catalog().hook.astkit_register_presets(register=register)
+        return presets
+
+    # ------------------------------------------------------------ selection
+    def resolve(self, selection: Iterable[str], disable: Iterable[str] = ()) -> list[str]:
+        """Expand presets and ``no:NAME`` items into the enabled plugin names."""
+        presets = self.presets()
+        enabled: list[str] = []
+        blocked = {self._check_name(n.strip(), presets, allow_preset=False) for n in disable if n.strip()}
+        for raw in selection:
+            item = raw.strip()
+            if not item:
+                continue
+            if item.startswith("no:"):
+                blocked.add(self._check_name(item[3:], presets, allow_preset=False))
+                continue
+            self._check_name(item, presets, allow_preset=True)
+            names = presets[item].plugins if item in presets else [item]
+            for name in names:
+                if name not in self.available:
+                    raise PluginError(
+                        f"preset {item!r} needs plugin {name!r}, which is not installed{self._failure_note(name)}"
+                    )
+                if name not in enabled:
+                    enabled.append(name)
+        return [n for n in enabled if n not in blocked]
+
+    def _check_name(self, name: str, presets: dict[str, Preset], allow_preset: bool) -> str:
+        if name in self.available or (allow_preset and name in presets):
+            return name
+        if name in presets:
+            raise PluginError(f"{name!r} is a preset; disable its plugins one by one ({', '.join(presets[name].plugins)})")
+        known = sorted(self.available) + (sorted(presets) if allow_preset else [])
+        raise PluginError(
+            f"unknown plugin {name!r}{self._failure_note(name)}; installed: {', '.join(known) or 'none'}"
+            " (see `astkit plugins`)"
+        )
+
+    def _failure_note(self, name: str) -> str:
+        for failed in self.failed:
+            if failed.name == name:
+                return f" (it failed to load from {failed.entry_point}: {failed.error})"
+        return ""
+
+    # ------------------------------------------------------------- managers
+    def manager(self, enabled: Iterable[str]) -> pluggy.PluginManager:
+        """A manager with the MTT baseline and the ``enabled`` plugins.
+
+        Refuses two enabled plugins answering the same first-result hook.
+        """
+        pm = _new_manager()
+        pm.register(_defaults, name=DEFAULTS_NAME)
+        for name in enabled:
+            pm.register(self.available[name].plugin, name=name)
+        check_conflicts(pm)
+        return pm
+
+    def versions(self, enabled: Iterable[str]) -> dict[str, str]:
+        """``{plugin: "distribution version"}`` for metadata."""
+        out = {}
+        for name in enabled:
+            info = self.available[name]
+            out[name] = " ".join(x for x in (info.distribution, info.version) if x) or info.entry_point
+        return out
+
+
+def _new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("astkit")
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def check_conflicts(pm: pluggy.PluginManager) -> None:
+    """Raise if two non-default plugins answer the same first-result hook."""
+    for hook_name in hookspecs.FIRST_RESULT_HOOKS:
+        answering = [
+            impl.plugin_name
+            for impl in getattr(pm.hook, hook_name).get_hookimpls()
+            if impl.plugin_name != DEFAULTS_NAME and not (impl.wrapper or impl.hookwrapper)
+        ]
+        if len(answering) > 1:
+            a, b = answering[-1], answering[-2]
+            raise PluginError(
+                f"plugins {a!r} and {b!r} both answer {hook_name}; enable only one (e.g. --disable {b})"
+            )
+
+
+def declared_options(pm: pluggy.PluginManager) -> dict[str, dict[str, Any]]:
+    """Merge the ``astkit_plugin_options`` answers of ``pm``'s plugins."""
+    merged: dict[str, dict[str, Any]] = {}
+    for answer in pm.hook.astkit_plugin_options():
+        for namespace, defaults in (answer or {}).items():
+            if namespace in merged:
+                raise PluginError(f"option namespace {namespace!r} is declared by two plugins")
+            merged[namespace] = dict(defaults)
+    return merged
+
+
+def collect_registrations(pm: pluggy.PluginManager, kind: str, builtin: dict[str, Any]) -> dict[str, Any]:
+    """Call ``astkit_register_<kind>s`` and return ``builtin`` plus the additions."""
+    merged = dict(builtin)
+
+    def register(name: str, factory: Any) -> None:
+        if name in merged:
+            raise PluginError(f"{kind} {name!r} is registered twice; rename one")
+        merged[name] = factory
+
+    getattr(pm.hook, f"astkit_register_{kind}s")(register=register)
+    return merged

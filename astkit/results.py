@@ -1,0 +1,123 @@
+"""What the engine's stages return: plain objects, not printed text."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from astkit import store
+from astkit.errors import FileFormatError
+
+
+@dataclass
+class IterationMetrics:
+    """The numbers of one distillation iteration."""
+
+    iteration: int
+    loss: float
+    lr: float
+    start_epoch: int
+    expert: int
+    inner_weight: float
+    terms: list[float]
+    seconds: float
+    grad_norm: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class DistilledSet:
+    """Synthetic images, their labels and the learned student lr.
+
+    ``meta`` holds what is needed to use the set elsewhere: the dataset's
+    class names and normalisation (``meta["dataset"]``), the model, the
+    config and plugins of the run. ``zca`` holds the whitening tensors when
+    the images live in ZCA space.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    lr: float
+    iteration: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    zca: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def ipc(self) -> int:
+        counts = torch.bincount(self.labels)
+        return int(counts.max()) if counts.numel() else 0
+
+    def save(self, path: str | Path) -> Path:
+        tensors = {"images": self.images, "labels": self.labels, "lr": torch.tensor([self.lr])}
+        tensors.update({f"zca.{k}": v for k, v in self.zca.items()})
+        return store.save(path, "distilled", tensors, {**self.meta, "iteration": self.iteration, "lr": self.lr})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DistilledSet":
+        tensors, meta = store.load(path, "distilled")
+        try:
+            images, labels, lr = tensors["images"], tensors["labels"].long(), float(tensors["lr"][0])
+        except KeyError as exc:
+            raise FileFormatError(f"{path}: distilled file is missing tensor {exc}") from None
+        if images.ndim != 4 or labels.shape != (images.shape[0],):
+            raise FileFormatError(f"{path}: images and labels do not match")
+        zca = {k[4:]: v for k, v in tensors.items() if k.startswith("zca.")}
+        meta.pop("lr", None)
+        return cls(images, labels, lr, int(meta.pop("iteration", 0)), meta, zca)
+
+
+@dataclass
+class ArchitectureResult:
+    """Final test accuracies of fresh networks of one architecture."""
+
+    model: str
+    accuracies: list[float]
+    max_accuracies: list[float] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.accuracies) / len(self.accuracies)
+
+    @property
+    def std(self) -> float:
+        m = self.mean
+        return math.sqrt(sum((a - m) ** 2 for a in self.accuracies) / len(self.accuracies))
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"model": self.model, "mean": self.mean, "std": self.std, "accuracies": self.accuracies}
+        if self.max_accuracies:
+            out["max_during_training_peeks_at_test"] = self.max_accuracies
+        return out
+
+
+@dataclass
+class EvaluationResult:
+    """Accuracies per architecture (final accuracy; max only if asked)."""
+
+    architectures: dict[str, ArchitectureResult]
+    lr: float
+    epochs: int
+
+    def __getitem__(self, model: str) -> ArchitectureResult:
+        return self.architectures[model]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"lr": self.lr, "epochs": self.epochs,
+                "architectures": {k: v.to_json() for k, v in self.architectures.items()}}
+
+
+@dataclass
+class RunResult:
+    """Everything ``Engine.run`` produced."""
+
+    experts: list
+    distilled: DistilledSet
+    evaluation: EvaluationResult
+    history: list[IterationMetrics]
+    out: Path | None = None

@@ -1,0 +1,115 @@
+"""The unrolled student and the matching loss: meta-gradients and MTT parity."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from astkit.functional import FlatModel
+from astkit.matching import MatchPoint, matching_loss, unroll
+
+
+def tiny_net(dtype=torch.float64):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.GroupNorm(3, 3, affine=True), nn.Tanh(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(3 * 2 * 2, 3),
+    )
+    return net.to(dtype)
+
+
+def tiny_problem(dtype=torch.float64, steps=3):
+    net = tiny_net(dtype)
+    flat = FlatModel(net)
+    g = torch.Generator().manual_seed(1)
+    start = flat.initial()
+    mid = start + 0.05 * torch.randn(start.shape, generator=g, dtype=dtype)
+    target = start + 0.1 * torch.randn(start.shape, generator=g, dtype=dtype)
+    images = torch.randn(6, 1, 4, 4, generator=g, dtype=dtype)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    return flat, start, {1: mid, 2: target}, images, labels
+
+
+def meta_loss(flat, start, targets, images, labels, lr, schedule, steps=3, momentum=0.0):
+    student = unroll(flat, start.clone().requires_grad_(True), images, labels, lr, steps,
+                     inner_weight=1.3, momentum=momentum, keep={p.student_step for p in schedule})
+    return matching_loss(student, start, targets, schedule)[0]
+
+
+def test_meta_gradient_matches_central_finite_differences():
+    flat, start, targets, images, labels = tiny_problem()
+    schedule = [MatchPoint(1, 1, 1.0), MatchPoint(3, 2, 0.5)]
+    for momentum in (0.0, 0.9):
+        x = images.clone().requires_grad_(True)
+        lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        loss = meta_loss(flat, start, targets, x, labels, lr, schedule, momentum=momentum)
+        gx, glr = torch.autograd.grad(loss, (x, lr))
+        analytic = torch.cat([gx.flatten(), glr.reshape(1)])
+
+        eps = 1e-6
+        numeric = torch.zeros_like(analytic)
+        base = torch.cat([images.flatten(), torch.tensor([0.3], dtype=torch.float64)])
+        for i in range(base.numel()):
+            values = []
+            for sign in (1, -1):
+                v = base.clone()
+                v[i] += sign * eps
+                with torch.enable_grad():
+                    values.append(float(meta_loss(flat, start, targets, v[:-1].view_as(images), labels,
+                                                  v[-1], schedule, momentum=momentum)))
+            numeric[i] = (values[0] - values[1]) / (2 * eps)
+        rel = (numeric - analytic).norm() / analytic.norm()
+        assert rel < 1e-4, f"momentum {momentum}: relative error {rel}"
+
+
+def mtt_reference_loss(net, start, target, images, labels, syn_lr, syn_steps):
+    """MTT's distill.py inner loop and loss, written out in plain PyTorch."""
+    shapes = [p.shape for p in net.parameters()]
+    names = [n for n, _ in net.named_parameters()]
+    numels = [p.numel() for p in net.parameters()]
+
+    def forward(flat, x):
+        chunks = torch.split(flat, numels)
+        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        return torch.func.functional_call(net, params, (x,))
+
+    student_params = [start.clone().requires_grad_(True)]
+    for _ in range(syn_steps):
+        ce_loss = F.cross_entropy(forward(student_params[-1], images), labels)
+        grad = torch.autograd.grad(ce_loss, student_params[-1], create_graph=True)[0]
+        student_params.append(student_params[-1] - syn_lr * grad)
+    num_params = start.numel()
+    param_loss = F.mse_loss(student_params[-1], target, reduction="sum") / num_params
+    param_dist = F.mse_loss(start, target, reduction="sum") / num_params
+    return param_loss / param_dist
+
+
+def test_default_schedule_equals_plain_mtt_loss():
+    flat, start, targets, images, labels = tiny_problem(torch.float32)
+    lr = torch.tensor(0.01)
+    student = unroll(flat, start.clone().requires_grad_(True), images, labels, lr, 3)
+    ours = matching_loss(student, start, targets, [MatchPoint(3, 2, 1.0)])[0]
+    ref = mtt_reference_loss(flat.module, start, targets[2], images, labels, lr, 3)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_mini_batches_cycle_through_shuffled_chunks():
+    flat, start, targets, images, labels = tiny_problem()
+    seen = []
+
+    def forward(theta, x):
+        seen.append(x.shape[0])
+        return flat(theta, x)
+
+    g = torch.Generator().manual_seed(0)
+    unroll(forward, start.clone().requires_grad_(True), images, labels, torch.tensor(0.1, dtype=torch.float64),
+           4, batch_syn=4, generator=g)
+    assert seen == [4, 2, 4, 2]
+
+
+def test_matching_loss_terms_are_normalised_distances():
+    start = torch.zeros(3)
+    t1, t2 = torch.tensor([1.0, 0, 0]), torch.tensor([2.0, 0, 0])
+    student = {2: torch.tensor([0.5, 0, 0]), 4: torch.tensor([2.0, 1, 0])}
+    total, terms = matching_loss(student, start, {1: t1, 2: t2}, [MatchPoint(2, 1, 1.0), MatchPoint(4, 2, 0.5)])
+    assert [float(t) for t in terms] == [0.25, 0.25]
+    assert float(total) == 0.25 + 0.5 * 0.25
