@@ -261,10 +261,10 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        if d.max_start_epoch + d.expert_epochs > e.epochs:
+        if d.max_start_epoch - 1 + d.expert_epochs > e.epochs:
             raise UserError(
-                f"distill.max_start_epoch + distill.expert_epochs = {d.max_start_epoch + d.expert_epochs} "
-                f"exceeds experts.epochs = {e.epochs}; lower max_start_epoch or train longer experts"
+                f"the last start epoch ({d.max_start_epoch - 1}) + distill.expert_epochs ({d.expert_epochs}) "
+                f"exceeds experts.epochs = {e.epochs}; lower distill.max_start_epoch or train longer experts"
             )
 
 
@@ -289,7 +289,7 @@ def _set_field(obj, name: str, value: Any, prefix: str) -> None:
     types_ = _field_types(type(obj))
     if name not in types_:
         known = ", ".join(f.name for f in dataclasses.fields(obj))
-        raise UserError(f"unknown config key {prefix}{name!r}; known keys in this section: {known}")
+        raise UserError(f"unknown config key '{prefix}{name}'; known keys in this section: {known}")
     setattr(obj, name, _coerce(value, types_[name], prefix + name))
 
 
@@ -315,6 +315,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise UserError(f"config key {key} expects a table, got {value!r}")
         return value
     if value is None:
+        if annotation is str:  # `--set augment.strategy=none` means the word
+            return "none"
         raise UserError(f"config key {key} cannot be empty")
     if annotation is bool:
         if isinstance(value, bool):

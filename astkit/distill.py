@@ -126,12 +126,12 @@ class Distiller:
             self._diverged(it, "the matching loss")
         metrics = IterationMetrics(
             iteration=it,
-            loss=float(loss),
-            lr=float(self.lr),
+            loss=loss.item(),
+            lr=self.lr.item(),
             start_epoch=start_epoch,
             expert=expert_index,
             inner_weight=weight,
-            terms=[float(t) for t in terms],
+            terms=[t.item() for t in terms],
             seconds=time.perf_counter() - t0,
             grad_norm=grad_norm,
         )
@@ -146,7 +146,7 @@ class Distiller:
             and all(torch.isfinite(g).all() for g in grads)
             and torch.isfinite(self.images).all()
             and torch.isfinite(self.lr)
-            and float(self.lr) > 0
+            and self.lr.item() > 0
         )
 
     def _diverged(self, iteration: int, where: str) -> None:
@@ -168,7 +168,7 @@ class Distiller:
     # --------------------------------------------------------------- output
     def distilled(self, meta: dict[str, Any], zca: dict[str, torch.Tensor] | None = None) -> DistilledSet:
         return DistilledSet(
-            self.images.detach().cpu().clone(), self.labels.cpu().clone(), float(self.lr), self.iteration,
+            self.images.detach().cpu().clone(), self.labels.cpu().clone(), self.lr.item(), self.iteration,
             meta, dict(zca or {})
         )
 

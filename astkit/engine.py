@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
-from astkit import store
+from astkit import _defaults, store
 from astkit.augment import DSA, build_augmentation
 from astkit.config import RunConfig
 from astkit.data import BUILTIN_DATASETS, Dataset, load_dataset
@@ -159,10 +159,11 @@ class Engine:
         if made_on and made_on != self.dataset.name:
             raise FileFormatError(f"{path}: trained on {made_on}, this run distils {self.dataset.name}")
         d = self.config.distill
-        if trajectory.num_epochs < d.max_start_epoch + d.expert_epochs:
+        if trajectory.num_epochs < d.max_start_epoch - 1 + d.expert_epochs:
             raise UserError(
-                f"{path}: has {trajectory.num_epochs} epochs, but max_start_epoch + expert_epochs = "
-                f"{d.max_start_epoch + d.expert_epochs}; lower distill.max_start_epoch"
+                f"{path}: has {trajectory.num_epochs} epochs, but the last start epoch "
+                f"({d.max_start_epoch - 1}) + expert_epochs ({d.expert_epochs}) goes beyond; "
+                "lower distill.max_start_epoch"
             )
 
     # ----------------------------------------------------------- stage 2
@@ -251,6 +252,17 @@ class Engine:
     def _zca(self) -> dict[str, torch.Tensor]:
         zca = self.dataset.zca
         return zca.tensors() if zca is not None else {}
+
+    def real_subset(self, ipc: int, *, lr: float | None = None, seed: int | None = None) -> DistilledSet:
+        """A random subset of ``ipc`` real images per class, as a baseline set.
+
+        Evaluated with :meth:`evaluate` it gives the "random real" row of the
+        paper's tables; ``lr`` defaults to ``distill.lr_teacher``.
+        """
+        generator = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
+        images, labels = _defaults.astkit_init_synthetic(dataset=self.dataset, ipc=ipc, generator=generator)
+        lr = self.config.distill.lr_teacher if lr is None else lr
+        return DistilledSet(images, labels, lr, 0, {**self.metadata(), "origin": "random real subset"}, self._zca())
 
     # ----------------------------------------------------------- stage 3
     def evaluate(

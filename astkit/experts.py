@@ -123,7 +123,7 @@ def train_expert(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * idx.numel()
+            total += loss.item() * idx.numel()
             count += idx.numel()
         if decay_at is not None and epoch == decay_at:
             lr *= e.lr_decay

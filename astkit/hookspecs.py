@@ -261,6 +261,8 @@ def astkit_register_commands(app: Any) -> None:
 def astkit_on_expert_trained(index: int, trajectory: Trajectory, config: RunConfig) -> None:
     """An expert finished training and its trajectory file was written.
 
+    Called once per expert, after its file is saved.
+
     :param index: the expert's index.
     :param trajectory: its trajectory (snapshots, accuracies, Avg_Var).
     :param config: the run's configuration.
@@ -272,6 +274,8 @@ def astkit_on_expert_trained(index: int, trajectory: Trajectory, config: RunConf
 @hookspec
 def astkit_on_iteration_end(metrics: IterationMetrics, images: torch.Tensor, config: RunConfig) -> None:
     """A distillation iteration finished (the images and lr were updated).
+
+    Called after every distillation iteration.
 
     :param metrics: the iteration's numbers (``iteration``, ``loss``,
         ``lr``, ``start_epoch``, ``inner_weight``, ``seconds``, ...).
@@ -286,6 +290,9 @@ def astkit_on_iteration_end(metrics: IterationMetrics, images: torch.Tensor, con
 def astkit_on_evaluation_done(result: EvaluationResult, iteration: int | None, config: RunConfig) -> None:
     """An evaluation of a distilled set finished.
 
+    Called after the periodic evaluations (``distill.eval_every``) and the
+    final one, once all architectures were trained and tested.
+
     :param result: accuracies per architecture (mean, std, every network).
     :param iteration: the distillation iteration evaluated, or ``None`` for
         the final evaluation.
@@ -298,6 +305,9 @@ def astkit_on_evaluation_done(result: EvaluationResult, iteration: int | None, c
 @hookspec
 def astkit_on_checkpoint_written(path: str, iteration: int, config: RunConfig) -> None:
     """A checkpoint or distilled-set file was written (atomically).
+
+    Called after every checkpoint (``distill.checkpoint_every``, Ctrl-C, the
+    end of distillation) and after the distilled set is saved.
 
     :param path: the file written.
     :param iteration: the iteration it holds.

@@ -36,7 +36,7 @@ def astkit_version() -> str:
 def save(path: str | Path, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write ``tensors`` and ``meta`` to ``path`` atomically; return the path."""
     path = Path(path)
-    header = {"kind": kind, "format": FORMAT_VERSION, "astkit_version": astkit_version(), **meta}
+    header = {**meta, "kind": kind, "format": FORMAT_VERSION, "astkit_version": astkit_version()}
     payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(payload, tmp, metadata={"astkit": json.dumps(header)}))
     return path

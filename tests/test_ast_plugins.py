@@ -129,9 +129,9 @@ def test_gradient_penalty_closed_form():
     grad = smooth_experts.input_gradient(model(x), x)
     torch.testing.assert_close(grad, g.expand(5, 2, 3, 3))
     sample = smooth_experts.gradient_penalty(grad, 1.0, "sample")
-    assert float(sample) == pytest.approx(float((g.norm() - 1) ** 2), rel=1e-6)
+    assert sample.item() == pytest.approx(((g.norm() - 1) ** 2).item(), rel=1e-6)
     channel = smooth_experts.gradient_penalty(grad, 1.0, "channel")
-    assert float(channel) == pytest.approx(float(((g.norm(dim=0) - 1) ** 2).mean()), rel=1e-6)
+    assert channel.item() == pytest.approx(((g.norm(dim=0) - 1) ** 2).mean().item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["paper", "reference"])
@@ -209,15 +209,20 @@ def test_representative_init_picks_the_real_image_nearest_each_centroid(digits, 
         clusters = 10 if ipc == 50 else ipc
         km = KMeans(n_clusters=clusters, n_init=10, random_state=3 + label).fit(feats.numpy())
         chosen = images[labels == label]
+        per_cluster = ipc // clusters
+        taken = torch.zeros(len(indices), dtype=torch.bool)  # chosen for an earlier centroid
         for k, image in enumerate(chosen):
             where = (digits.train_images[indices] == image).flatten(1).all(1).nonzero().flatten()
             assert len(where) >= 1, "each chosen image is a real image of its class"
-            centre = torch.from_numpy(km.cluster_centers_[k // (ipc // clusters)])
+            centre = torch.from_numpy(km.cluster_centers_[k // per_cluster])
             dist = (feats - centre).norm(dim=1)
-            rank = int((dist < dist[where[0]]).sum())
-            assert rank < ipc // clusters, "among the nearest to its centroid"
-            if ipc // clusters == 1:
+            if k % per_cluster == 0:
+                earlier = taken.clone()
+            rank = int(((dist < dist[where[0]]) & ~earlier).sum())
+            assert rank < per_cluster, "among the nearest to its centroid"
+            if per_cluster == 1:
                 assert rank == 0
+            taken[where[0]] = True
 
 
 def test_representative_init_reference_uses_logits_and_ten_clusters(digits, tmp_path):

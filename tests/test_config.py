@@ -57,7 +57,7 @@ def test_bad_toml_file(tmp_path):
     [
         ("distill.ipc=0", "ipc must be >= 1"),
         ("distill.lr_img=-1", "lr_img must be > 0"),
-        ("distill.max_start_epoch=30", "exceeds experts.epochs"),
+        ("distill.max_start_epoch=20", "exceeds experts.epochs"),
         ("experts.optimizer=rmsprop", "optimizer must be"),
         ("augment.mode=double", "augment.mode"),
     ],

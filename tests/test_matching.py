@@ -53,9 +53,9 @@ def test_meta_gradient_matches_central_finite_differences():
             for sign in (1, -1):
                 v = base.clone()
                 v[i] += sign * eps
-                with torch.enable_grad():
-                    values.append(float(meta_loss(flat, start, targets, v[:-1].view_as(images), labels,
-                                                  v[-1], schedule, momentum=momentum)))
+                loss_v = meta_loss(flat, start, targets, v[:-1].view_as(images), labels, v[-1], schedule,
+                                   momentum=momentum)
+                values.append(loss_v.item())
             numeric[i] = (values[0] - values[1]) / (2 * eps)
         rel = (numeric - analytic).norm() / analytic.norm()
         assert rel < 1e-4, f"momentum {momentum}: relative error {rel}"

@@ -1,0 +1,67 @@
+"""ConvNet of DC/DSA/MTT: conv3x3 -> norm -> activation -> pool blocks, one linear layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from astkit.models.layers import check_pooling, image_hw, make_activation, make_norm, make_pool, positive
+from astkit.models.variant import Variant
+
+
+def auto_depth(image_size: int | tuple[int, int], pooling: str = "avgpool") -> int:
+    """3 blocks up to 32 px, 4 up to 64, else 5; capped so pooling keeps >= 1 px."""
+    h, w = image_hw(image_size)
+    side = max(h, w)
+    depth = 3 if side <= 32 else 4 if side <= 64 else 5
+    if pooling != "none":
+        depth = min(depth, max(1, int(math.log2(min(h, w)))))
+    return depth
+
+
+class ConvNet(nn.Module):
+    """MTT's ConvNet; ``depth=None`` picks the depth from the resolution."""
+
+    def __init__(self, channels: int, num_classes: int, image_size, width: int = 128, depth: int | None = None,
+                 norm: str = "instancenorm", activation: str = "relu", pooling: str = "avgpool"):
+        super().__init__()
+        pooling = check_pooling(pooling, "convnet")
+        size = image_hw(image_size)
+        width = positive("width", width, "convnet")
+        depth = auto_depth(size, pooling) if depth is None else positive("depth", depth, "convnet")
+        layers: list[nn.Module] = []
+        in_channels = channels
+        for _ in range(depth):
+            pool, size = make_pool(pooling, size)
+            layers += [nn.Conv2d(in_channels, width, 3, padding=1), make_norm(norm, width, "convnet"),
+                       make_activation(activation, "convnet"), pool]
+            in_channels = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width * size[0] * size[1], num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+def convnet(channels: int, num_classes: int, image_size, *, width: int = 128, depth: int | None = None,
+            norm: str = "instancenorm", activation: str = "relu", pooling: str = "avgpool") -> ConvNet:
+    """ConvNet (DC/MTT): conv3x3-instancenorm-relu-avgpool blocks, width 128, depth from resolution."""
+    return ConvNet(channels, num_classes, image_size, width=width, depth=depth, norm=norm,
+                   activation=activation, pooling=pooling)
+
+
+MODELS = {
+    "convnet": convnet,
+    **{f"convnet-d{d}": Variant(f"convnet-d{d}", convnet, f"ConvNet with depth {d}.", depth=d) for d in range(1, 6)},
+    "convnet-bn": Variant("convnet-bn", convnet, "ConvNet with batch norm.", norm="batchnorm"),
+    "convnet-nonorm": Variant("convnet-nonorm", convnet, "ConvNet without normalization.", norm="none"),
+    "convnet-ln": Variant("convnet-ln", convnet, "ConvNet with layer norm (GroupNorm with one group).",
+                          norm="layernorm"),
+    "convnet-w32": Variant("convnet-w32", convnet, "ConvNet with width 32.", width=32),
+    "convnet-w64": Variant("convnet-w64", convnet, "ConvNet with width 64.", width=64),
+}
