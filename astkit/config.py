@@ -261,6 +261,10 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+    def check_expert_length(self) -> None:
+        """Experts must be long enough for the last start epoch plus expert_epochs."""
+        d, e = self.distill, self.experts
         if d.max_start_epoch - 1 + d.expert_epochs > e.epochs:
             raise UserError(
                 f"the last start epoch ({d.max_start_epoch - 1}) + distill.expert_epochs ({d.expert_epochs}) "

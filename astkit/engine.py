@@ -316,6 +316,7 @@ class Engine:
     # ---------------------------------------------------------------- all
     def run(self, *, resume: bool = False) -> RunResult:
         """Experts (trained, or loaded from ``experts.dir``), distillation, evaluation."""
+        self.config.check_expert_length()
         if self.config.experts.dir:
             experts = self.load_experts()
         else:

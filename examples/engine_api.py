@@ -21,6 +21,7 @@ OVERRIDES = [
     "experts.num_experts=4",
     "experts.epochs=12",
     "experts.lr=0.01",
+    "experts.batch_size=64",
     "experts.momentum=0.9",
     "distill.ipc=10",
     "distill.iterations=80",

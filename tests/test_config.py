@@ -57,7 +57,6 @@ def test_bad_toml_file(tmp_path):
     [
         ("distill.ipc=0", "ipc must be >= 1"),
         ("distill.lr_img=-1", "lr_img must be > 0"),
-        ("distill.max_start_epoch=20", "exceeds experts.epochs"),
         ("experts.optimizer=rmsprop", "optimizer must be"),
         ("augment.mode=double", "augment.mode"),
     ],
@@ -84,3 +83,9 @@ def test_parse_value():
     assert parse_value("3") == 3 and parse_value("1e-5") == 1e-5 and parse_value("true") is True
     assert parse_value("convnet") == "convnet" and parse_value("a,b") == ["a", "b"]
     assert parse_value("none") is None and parse_value("[1, 2]") == [1, 2]
+
+
+def test_experts_must_cover_the_last_start_plus_expert_epochs():
+    RunConfig.load(overrides=["experts.epochs=11", "distill.max_start_epoch=10"]).check_expert_length()
+    with pytest.raises(UserError, match="exceeds experts.epochs"):
+        RunConfig.load(overrides=["experts.epochs=10", "distill.max_start_epoch=10"]).check_expert_length()

@@ -80,7 +80,7 @@ def test_batchnorm_models_train_mode_functional_call(name):
     torch.testing.assert_close(torch.func.functional_call(model, dict(model.named_parameters()), (x,)), model(x))
 
 
-@pytest.mark.parametrize("size,depth", [(28, 3), (32, 3), (64, 4), (128, 5), (8, 3), (4, 2), ((8, 64), 3)])
+@pytest.mark.parametrize("size,depth", [(28, 3), (32, 3), (64, 4), (128, 5), (8, 2), (4, 1), ((8, 64), 2), (16, 3)])
 def test_auto_depth(size, depth):
     assert auto_depth(size) == depth
     model = ConvNet(1, 10, size, width=2)
@@ -92,7 +92,7 @@ def test_auto_depth_without_pooling_is_not_capped():
 
 
 def test_convnet_spatial_sizes():
-    assert ConvNet(3, 10, 8, width=4).classifier.in_features == 4  # 8 -> 4 -> 2 -> 1
+    assert ConvNet(3, 10, 8, width=4).classifier.in_features == 4 * 2 * 2  # 8 -> 4 -> 2
     assert ConvNet(1, 10, 28, width=4).classifier.in_features == 4 * 3 * 3
     assert ConvNet(1, 10, 8, width=4, depth=5).classifier.in_features == 4  # extra pools skipped
     model = ConvNet(3, 10, (16, 32), width=4)  # non-square: 16x32 -> 2x4

@@ -12,12 +12,17 @@ from astkit.models.variant import Variant
 
 
 def auto_depth(image_size: int | tuple[int, int], pooling: str = "avgpool") -> int:
-    """3 blocks up to 32 px, 4 up to 64, else 5; capped so pooling keeps >= 1 px."""
+    """3 blocks up to 32 px, 4 up to 64, else 5 (MTT's rule).
+
+    With pooling, capped at ``log2(shorter side) - 1`` so that the last
+    normalisation still sees maps of at least 4x4 px (an instance norm over a
+    2x2 or 1x1 map erases the features: 8x8 digits get depth 2).
+    """
     h, w = image_hw(image_size)
     side = max(h, w)
     depth = 3 if side <= 32 else 4 if side <= 64 else 5
     if pooling != "none":
-        depth = min(depth, max(1, int(math.log2(min(h, w)))))
+        depth = min(depth, max(1, int(math.log2(min(h, w))) - 1))
     return depth
 
 
