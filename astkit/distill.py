@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pluggy
 import torch
 
 from astkit import store
@@ -30,7 +29,7 @@ class Distiller:
     def __init__(
         self,
         config: RunConfig,
-        pm: pluggy.PluginManager,
+        hooks,
         experts: list[Trajectory],
         student: FlatModel,
         augment: DSA,
@@ -41,7 +40,7 @@ class Distiller:
         device: torch.device | str = "cpu",
     ):
         d = config.distill
-        self.config, self.pm, self.experts, self.student = config, pm, experts, student
+        self.config, self.hooks, self.experts, self.student = config, hooks, experts, student
         self.augment, self.generator, self.device = augment, generator, torch.device(device)
         self.images = images.detach().to(self.device).clone().requires_grad_(True)
         self.labels = labels.to(self.device)
@@ -63,7 +62,7 @@ class Distiller:
 
     def step(self) -> IterationMetrics:
         """One distillation iteration: unroll, match, update images and lr."""
-        d, config, hook = self.config.distill, self.config, self.pm.hook
+        d, config, hook = self.config.distill, self.config, self.hooks
         t0 = time.perf_counter()
         it = self.iteration
         expert_index = self.next_expert()

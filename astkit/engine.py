@@ -25,7 +25,7 @@ from astkit.evaluate import train_on_synthetic
 from astkit.experts import expert_seed, train_expert
 from astkit.functional import FlatModel
 from astkit.models import BUILTIN_MODELS
-from astkit.plugins import PluginSet, collect_registrations, declared_options
+from astkit.plugins import GuardedHooks, PluginSet, collect_registrations, declared_options
 from astkit.progress import Progress
 from astkit.results import ArchitectureResult, DistilledSet, EvaluationResult, RunResult
 from astkit.trajectory import ModelSpec, Trajectory
@@ -58,6 +58,8 @@ class Engine:
         extra = [self.plugin_set.add(p) for p in plugins]
         self.enabled = self.plugin_set.resolve([*self.config.plugins, *extra], self.config.disable)
         self.pm = self.plugin_set.manager(self.enabled)
+        #: ``pm.hook`` with plugin failures reported by plugin name.
+        self.hooks = GuardedHooks(self.pm, self.plugin_set)
         catalog = self.plugin_set.catalog()
         self.models = collect_registrations(catalog, "model", BUILTIN_MODELS)
         self.datasets = collect_registrations(catalog, "dataset", BUILTIN_DATASETS)
@@ -120,7 +122,7 @@ class Engine:
             task = f"expert {index + 1}/{e.num_experts}"
             self.progress.start("expert", task, e.epochs)
             trajectory = train_expert(
-                index, self.dataset, self.model_spec, self.config, self.pm, self.augment,
+                index, self.dataset, self.model_spec, self.config, self.hooks, self.augment,
                 registry=self.models, device=self.device,
                 on_epoch=lambda ep, loss, acc: self.progress.advance("expert", loss=loss, test_acc=acc),
             )
@@ -128,7 +130,7 @@ class Engine:
             trajectory.registry = self.models
             trajectory.meta.update(plugins=self.plugin_set.versions(self.enabled), config=self.config.to_dict())
             trajectory.save(directory / f"expert_{index:03d}.safetensors")
-            self.pm.hook.astkit_on_expert_trained(index=index, trajectory=trajectory, config=self.config)
+            self.hooks.astkit_on_expert_trained(index=index, trajectory=trajectory, config=self.config)
             self.progress.log(
                 f"expert {index}: test acc {trajectory.test_accuracy[-1]:.4f}, Avg_Var {trajectory.avg_var:.4g}"
             )
@@ -173,7 +175,7 @@ class Engine:
         smallest = min(len(i) for i in ds.class_indices())
         if ipc > smallest:
             raise UserError(f"distill.ipc = {ipc} exceeds the smallest class of {ds.name} ({smallest} images)")
-        answer = self.pm.hook.astkit_init_synthetic(
+        answer = self.hooks.astkit_init_synthetic(
             dataset=ds, ipc=ipc, experts=experts, generator=generator, config=self.config
         )
         images, labels = answer
@@ -194,7 +196,7 @@ class Engine:
         torch.manual_seed(self.config.seed)
         images, labels = self.init_synthetic(experts, generator)
         student = FlatModel(self.model_spec.build(self.models).to(self.device))
-        return Distiller(self.config, self.pm, experts, student, self.augment, images, labels,
+        return Distiller(self.config, self.hooks, experts, student, self.augment, images, labels,
                          generator=generator, device=self.device)
 
     def distill(self, experts: list[Trajectory] | None = None, *, resume: bool | str | Path = False) -> DistilledSet:
@@ -222,7 +224,7 @@ class Engine:
             while distiller.iteration < d.iterations:
                 metrics = distiller.step()
                 log.write({"event": "iteration", **metrics.to_json()})
-                self.pm.hook.astkit_on_iteration_end(metrics=metrics, images=distiller.images.detach(), config=self.config)
+                self.hooks.astkit_on_iteration_end(metrics=metrics, images=distiller.images.detach(), config=self.config)
                 self.progress.advance(
                     "distill", loss=metrics.loss, lr=metrics.lr, start=metrics.start_epoch
                 )
@@ -241,13 +243,13 @@ class Engine:
         distilled = distiller.distilled(meta, self._zca())
         path = distilled.save(self.out / "distilled.safetensors")
         self._checkpoint(distiller, meta)
-        self.pm.hook.astkit_on_checkpoint_written(path=str(path), iteration=distilled.iteration, config=self.config)
+        self.hooks.astkit_on_checkpoint_written(path=str(path), iteration=distilled.iteration, config=self.config)
         self.history = distiller.history
         return distilled
 
     def _checkpoint(self, distiller: Distiller, meta: dict[str, Any]) -> None:
         path = distiller.save_checkpoint(self.out / "checkpoint.safetensors", meta)
-        self.pm.hook.astkit_on_checkpoint_written(path=str(path), iteration=distiller.iteration, config=self.config)
+        self.hooks.astkit_on_checkpoint_written(path=str(path), iteration=distiller.iteration, config=self.config)
 
     def _zca(self) -> dict[str, torch.Tensor]:
         zca = self.dataset.zca
@@ -295,7 +297,7 @@ class Engine:
             self.progress.stop("evaluate")
             results[name] = ArchitectureResult(name, finals, maxima)
         result = EvaluationResult(results, lr, v.epochs)
-        self.pm.hook.astkit_on_evaluation_done(result=result, iteration=iteration, config=self.config)
+        self.hooks.astkit_on_evaluation_done(result=result, iteration=iteration, config=self.config)
         return result
 
     def _check_distilled(self, distilled: DistilledSet) -> None:

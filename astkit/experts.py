@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-import pluggy
 import torch
 from torch import nn
 
@@ -79,7 +78,7 @@ def train_expert(
     dataset: Dataset,
     spec: ModelSpec,
     config: RunConfig,
-    pm: pluggy.PluginManager,
+    hooks,
     augment: DSA,
     *,
     registry=None,
@@ -113,7 +112,7 @@ def train_expert(
             clean = images[idx].to(device)
             x = augment(clean, generator=generator) if (e.augment and augment.enabled) else clean
             batch = ExpertBatch(model, x, labels[idx].to(device), clean)
-            loss = pm.hook.astkit_expert_loss(batch=batch, epoch=epoch, num_epochs=e.epochs, config=config)
+            loss = hooks.astkit_expert_loss(batch=batch, epoch=epoch, num_epochs=e.epochs, config=config)
             if loss is None or not torch.is_tensor(loss) or loss.ndim != 0:
                 raise UserError("the astkit_expert_loss hook must return a scalar tensor")
             if not torch.isfinite(loss):

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import pluggy
 
 from astkit import _defaults, hookspecs
-from astkit.errors import PluginError
+from astkit.errors import AstkitError, PluginError
 
 ENTRY_POINT_GROUP = "astkit"
 DEFAULTS_NAME = "astkit.defaults"
@@ -225,3 +225,51 @@ def collect_registrations(pm: pluggy.PluginManager, kind: str, builtin: dict[str
 
     getattr(pm.hook, f"astkit_register_{kind}s")(register=register)
     return merged
+
+
+class GuardedHooks:
+    """``pm.hook``, except that an exception raised inside a plugin is turned
+    into a one-line :class:`PluginError` naming the plugin and its entry point.
+
+    Errors astkit raises on purpose (``AstkitError``) pass through unchanged,
+    and so do errors in astkit's own baseline implementations (bugs).
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, plugins: PluginSet):
+        self._pm = pm
+        self._plugins = plugins
+
+    def __getattr__(self, hook_name: str):
+        caller = getattr(self._pm.hook, hook_name)
+
+        def call(**kwargs):
+            try:
+                return caller(**kwargs)
+            except AstkitError:
+                raise
+            except Exception as exc:
+                culprit = self._culprit(hook_name, exc)
+                if culprit is None:
+                    raise
+                info = self._plugins.available.get(culprit)
+                where = f" ({info.entry_point})" if info and info.entry_point else ""
+                raise PluginError(
+                    f"plugin {culprit!r}{where} failed in {hook_name}: {type(exc).__name__}: {exc}; "
+                    f"disable it with --disable {culprit}"
+                ) from exc
+
+        return call
+
+    def _culprit(self, hook_name: str, exc: BaseException) -> str | None:
+        codes = {}
+        for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+            function = getattr(impl.function, "__func__", impl.function)
+            code = getattr(function, "__code__", None)
+            if code is not None:
+                codes[code] = impl.plugin_name
+        culprit = None
+        tb = exc.__traceback__
+        while tb is not None:
+            culprit = codes.get(tb.tb_frame.f_code, culprit)
+            tb = tb.tb_next
+        return None if culprit == DEFAULTS_NAME else culprit

@@ -95,3 +95,26 @@ def test_broken_plugin_is_reported_by_name_and_others_still_load(tmp_path, monke
     with pytest.raises(PluginError, match="unknown plugin 'broken' \\(it failed to load from broken_astkit_module"):
         found.resolve(["broken"])
     sys.modules.pop("broken_astkit_module", None)
+
+
+def test_a_plugin_raising_inside_a_hook_is_named():
+    from astkit.config import RunConfig
+    from astkit.plugins import GuardedHooks
+
+    class Faulty:
+        astkit_plugin_name = "faulty"
+
+        @hookimpl
+        def astkit_inner_loss_weight(self, start_epoch):
+            return 1.0 / (start_epoch - start_epoch)
+
+    found = PluginSet.discover()
+    pm = found.manager([found.add(Faulty())])
+    hooks = GuardedHooks(pm, found)
+    kwargs = dict(start_epoch=1, max_start_epoch=4, iteration=0, config=RunConfig())
+    with pytest.raises(PluginError, match="plugin 'faulty' .*failed in astkit_inner_loss_weight: ZeroDivisionError"):
+        hooks.astkit_inner_loss_weight(**kwargs)
+    with pytest.raises(ZeroDivisionError):  # the raw manager is unchanged
+        pm.hook.astkit_inner_loss_weight(**kwargs)
+    ok = GuardedHooks(found.manager([]), found)
+    assert ok.astkit_inner_loss_weight(**kwargs) == 1.0
