@@ -90,6 +90,7 @@ class DistillConfig:
     learn_lr: bool = True
     batch_syn: int | None = None
     student_momentum: float = 0.0
+    recompute_segment: int = 0
     augment: bool = True
     eval_every: int = 0
     checkpoint_every: int = 100
@@ -245,6 +246,7 @@ class RunConfig:
             (d.lr_lr >= 0, "distill.lr_lr must be >= 0"),
             (d.batch_syn is None or d.batch_syn >= 1, "distill.batch_syn must be >= 1 (or unset for all)"),
             (0 <= d.student_momentum < 1, "distill.student_momentum must be in [0, 1)"),
+            (d.recompute_segment >= 0, "distill.recompute_segment must be >= 0 (0 keeps the whole graph)"),
             (d.checkpoint_every >= 0 and d.eval_every >= 0, "distill.checkpoint_every and eval_every must be >= 0"),
             (e.num_experts >= 1, "experts.num_experts must be >= 1"),
             (e.epochs >= 1, "experts.epochs must be >= 1"),

@@ -98,11 +98,12 @@ class Distiller:
             self.lr,
             d.syn_steps,
             inner_weight=weight,
-            augment=(lambda x: self.augment(x, generator=self.generator)) if use_aug else None,
+            augment=self.augment if use_aug else None,
             batch_syn=d.batch_syn,
             generator=self.generator,
             momentum=d.student_momentum,
             keep={p.student_step for p in schedule},
+            segment=d.recompute_segment,
         )
         loss, terms = matching_loss(student, start, targets, schedule)
         self.opt_img.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ images and the student lr can be checked against finite differences.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,57 @@ def validate_schedule(points: Sequence[MatchPoint], syn_steps: int, expert_epoch
     return points
 
 
+Plan = list[tuple[Optional[torch.Tensor], Any]]
+
+
+def plan_steps(
+    images: torch.Tensor,
+    syn_steps: int,
+    batch_syn: int | None,
+    augment: Any,
+    generator: torch.Generator | None,
+) -> Plan:
+    """Draw every step's mini-batch indices and augmentation parameters.
+
+    Drawn up front, in step order, from ``generator``, so a recomputation
+    replays exactly the same batches and augmentations.
+    """
+    n = images.shape[0]
+    chunks: list[torch.Tensor] = []
+    plan: Plan = []
+    for _ in range(syn_steps):
+        idx = None
+        size = n
+        if batch_syn is not None and batch_syn < n:
+            if not chunks:
+                chunks = list(torch.randperm(n, generator=generator).to(images.device).split(batch_syn))
+            idx = chunks.pop(0)
+            size = idx.numel()
+        params = None
+        if augment is not None and augment.enabled:
+            params = augment.sample((size, *images.shape[1:]), generator=generator, device=images.device,
+                                    dtype=images.dtype)
+        plan.append((idx, params))
+    return plan
+
+
+def student_step(forward, theta, velocity, images, labels, lr, step_plan, augment, inner_weight, momentum,
+                 create_graph):
+    """One SGD step of the student: ``theta - lr * b`` (``b`` the heavy-ball velocity)."""
+    idx, params = step_plan
+    x, y = (images, labels) if idx is None else (images[idx], labels[idx])
+    if params is not None:
+        x = augment.apply(x, params)
+    loss = F.cross_entropy(forward(theta, x), y)
+    if inner_weight != 1.0:
+        loss = loss * inner_weight
+    (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+    if momentum:
+        velocity = grad if velocity is None else momentum * velocity + grad
+        grad = velocity
+    return theta - lr * grad, velocity
+
+
 def unroll(
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     start: torch.Tensor,
@@ -47,50 +98,107 @@ def unroll(
     syn_steps: int,
     *,
     inner_weight: float = 1.0,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    augment: Any = None,
     batch_syn: int | None = None,
     generator: torch.Generator | None = None,
     momentum: float = 0.0,
     keep: set[int] | None = None,
+    segment: int = 0,
 ) -> dict[int, torch.Tensor]:
     """Run ``syn_steps`` differentiable SGD steps of the student.
 
     ``forward(theta, x)`` gives logits. Each step takes a mini-batch of
     ``batch_syn`` synthetic images (all when ``None``; otherwise MTT's
-    shuffled chunks), augments it, and updates
-    ``theta <- theta - lr * b`` with ``b = grad`` (or the heavy-ball
-    ``b = momentum * b + grad`` when ``momentum > 0``), keeping the graph.
+    shuffled chunks), augments it with ``augment`` (a :class:`~astkit.augment.DSA`),
+    and updates ``theta <- theta - lr * b`` with ``b = grad`` (or the
+    heavy-ball ``b = momentum * b + grad`` when ``momentum > 0``).
+
+    ``segment = k > 0`` keeps only every k-th student in memory and
+    recomputes each segment during the backward pass: the same gradients,
+    with memory that no longer grows with ``syn_steps`` (about one more
+    forward pass of time).
 
     :return: ``{step: theta_step}`` for the steps in ``keep`` (default: the
-        last), each a differentiable function of ``images``, ``lr``, ``start``.
+        last), each differentiable with respect to ``images`` and ``lr``.
     """
-    keep = {syn_steps} if keep is None else set(keep)
-    n = images.shape[0]
-    chunks: list[torch.Tensor] = []
-    theta = start
-    velocity = None
-    kept: dict[int, torch.Tensor] = {}
-    for step in range(1, syn_steps + 1):
-        if batch_syn is None or batch_syn >= n:
-            x, y = images, labels
-        else:
-            if not chunks:
-                chunks = list(torch.randperm(n, generator=generator).to(images.device).split(batch_syn))
-            idx = chunks.pop(0)
-            x, y = images[idx], labels[idx]
-        if augment is not None:
-            x = augment(x)
-        loss = F.cross_entropy(forward(theta, x), y)
-        if inner_weight != 1.0:
-            loss = loss * inner_weight
-        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
-        if momentum:
-            velocity = grad if velocity is None else momentum * velocity + grad
-            grad = velocity
-        theta = theta - lr * grad
-        if step in keep:
+    keep_steps = sorted({syn_steps} if keep is None else set(keep))
+    plan = plan_steps(images, syn_steps, batch_syn, augment, generator)
+    args = (forward, labels, plan, augment, inner_weight, momentum)
+    if segment and segment < syn_steps:
+        outs = _RecomputedUnroll.apply(images, lr, start, args, keep_steps, segment)
+        return dict(zip(keep_steps, outs))
+    theta, velocity, kept = start, None, {}
+    for step, step_plan in enumerate(plan, 1):
+        theta, velocity = student_step(forward, theta, velocity, images, labels, lr, step_plan, augment,
+                                       inner_weight, momentum, create_graph=True)
+        if step in keep_steps:
             kept[step] = theta
     return kept
+
+
+class _RecomputedUnroll(torch.autograd.Function):
+    """The unroll with segment recomputation (exact gradients, bounded memory)."""
+
+    @staticmethod
+    def forward(ctx, images, lr, start, args, keep_steps, segment):
+        forward, labels, plan, augment, inner_weight, momentum = args
+        theta, velocity = start.detach(), None
+        boundaries, kept = {0: (theta, None)}, {}
+        x, alpha = images.detach(), lr.detach()
+        with torch.enable_grad():
+            for step, step_plan in enumerate(plan, 1):
+                new, velocity = student_step(forward, theta.requires_grad_(True), velocity, x, labels, alpha,
+                                             step_plan, augment, inner_weight, momentum, create_graph=False)
+                theta = new.detach()
+                velocity = velocity.detach() if velocity is not None else None
+                if step % segment == 0 and step < len(plan):
+                    boundaries[step] = (theta, velocity)
+                if step in keep_steps:
+                    kept[step] = theta
+        ctx.save_for_backward(images, lr)
+        ctx.args, ctx.keep_steps, ctx.segment, ctx.boundaries = args, keep_steps, segment, boundaries
+        return tuple(kept[k] for k in keep_steps)
+
+    @staticmethod
+    def backward(ctx, *grad_kept):
+        images, lr = ctx.saved_tensors
+        forward, labels, plan, augment, inner_weight, momentum = ctx.args
+        direct = {k: g for k, g in zip(ctx.keep_steps, grad_kept) if g is not None}
+        image_grad, lr_grad = torch.zeros_like(images), torch.zeros_like(lr)
+        a_theta = a_velocity = None
+        for s in sorted(ctx.boundaries, reverse=True):
+            e = min(s + ctx.segment, len(plan))
+            theta_s, velocity_s = ctx.boundaries[s]
+            with torch.enable_grad():
+                theta0 = theta_s.detach().requires_grad_(True)
+                velocity0 = velocity_s.detach().requires_grad_(True) if velocity_s is not None else None
+                x = images.detach().requires_grad_(True)
+                alpha = lr.detach().requires_grad_(True)
+                theta, velocity, total = theta0, velocity0, None
+                for step in range(s + 1, e + 1):
+                    theta, velocity = student_step(forward, theta, velocity, x, labels, alpha, plan[step - 1],
+                                                   augment, inner_weight, momentum, create_graph=True)
+                    if step in direct:
+                        total = _add(total, (direct[step] * theta).sum())
+                if a_theta is not None:
+                    total = _add(total, (a_theta * theta).sum())
+                if a_velocity is not None and velocity is not None:
+                    total = _add(total, (a_velocity * velocity).sum())
+                if total is None:
+                    continue
+                inputs = [theta0, x, alpha] + ([velocity0] if velocity0 is not None else [])
+                grads = torch.autograd.grad(total, inputs, allow_unused=True)
+            a_theta = grads[0]
+            if grads[1] is not None:
+                image_grad += grads[1]
+            if grads[2] is not None:
+                lr_grad += grads[2]
+            a_velocity = grads[3] if velocity0 is not None else None
+        return image_grad, lr_grad, None, None, None, None
+
+
+def _add(total, term):
+    return term if total is None else total + term
 
 
 def matching_loss(
