@@ -75,11 +75,12 @@ class Distiller:
             d.syn_steps,
             d.expert_epochs,
         )
-        weight = float(
-            hook.astkit_inner_loss_weight(
-                start_epoch=start_epoch, max_start_epoch=d.max_start_epoch, iteration=it, config=config
-            )
+        weight = hook.astkit_inner_loss_weight(
+            start_epoch=start_epoch, max_start_epoch=d.max_start_epoch, iteration=it, config=config
         )
+        if not isinstance(weight, (int, float)) or not weight > 0 or weight == float("inf"):
+            raise UserError(f"astkit_inner_loss_weight returned {weight!r}; it must be a positive finite number")
+        weight = float(weight)
         layout = self.student.layout
         start = trajectory.snapshots[start_epoch].to(self.device)
         params = layout.split(start)

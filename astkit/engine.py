@@ -157,9 +157,13 @@ class Engine:
                 f"{path}: made for {_describe(trajectory.model)}, this run uses {_describe(spec)}; "
                 "point experts.dir at matching experts or retrain them"
             )
-        made_on = trajectory.meta.get("dataset", {}).get("name")
-        if made_on and made_on != self.dataset.name:
-            raise FileFormatError(f"{path}: trained on {made_on}, this run distils {self.dataset.name}")
+        made_on = trajectory.meta.get("dataset", {})
+        if made_on.get("name") and made_on["name"] != self.dataset.name:
+            raise FileFormatError(f"{path}: trained on {made_on['name']}, this run distils {self.dataset.name}")
+        if "zca" in made_on and bool(made_on["zca"]) != (self.dataset.zca is not None):
+            raise FileFormatError(
+                f"{path}: trained {'with' if made_on['zca'] else 'without'} ZCA whitening; set data.zca to match"
+            )
         d = self.config.distill
         if trajectory.num_epochs < d.max_start_epoch - 1 + d.expert_epochs:
             raise UserError(
