@@ -91,6 +91,8 @@ class DistillConfig:
     batch_syn: int | None = None
     student_momentum: float = 0.0
     recompute_segment: int = 0
+    divergence_lr_factor: float = 0.5
+    max_divergences: int = 5
     augment: bool = True
     eval_every: int = 0
     checkpoint_every: int = 100
@@ -246,6 +248,8 @@ class RunConfig:
             (d.lr_lr >= 0, "distill.lr_lr must be >= 0"),
             (d.batch_syn is None or d.batch_syn >= 1, "distill.batch_syn must be >= 1 (or unset for all)"),
             (0 <= d.student_momentum < 1, "distill.student_momentum must be in [0, 1)"),
+            (0 < d.divergence_lr_factor <= 1, "distill.divergence_lr_factor must be in (0, 1]"),
+            (d.max_divergences >= 1, "distill.max_divergences must be >= 1"),
             (d.recompute_segment >= 0, "distill.recompute_segment must be >= 0 (0 keeps the whole graph)"),
             (d.checkpoint_every >= 0 and d.eval_every >= 0, "distill.checkpoint_every and eval_every must be >= 0"),
             (e.num_experts >= 1, "experts.num_experts must be >= 1"),

@@ -111,6 +111,7 @@ class Distiller:
         self.opt_lr.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(self.images.grad.norm()) if self.images.grad is not None else 0.0
+        failures_before = self.failures
         if self._finite(loss):
             before = (self.images.detach().clone(), self.lr.detach().clone())
             self.opt_img.step()
@@ -135,6 +136,8 @@ class Distiller:
             terms=[t.item() for t in terms],
             seconds=time.perf_counter() - t0,
             grad_norm=grad_norm,
+            rolled_back=self.failures > failures_before,
+            lr_img=self.lr_img,
         )
         self.iteration += 1
         self.history.append(metrics)
@@ -152,18 +155,19 @@ class Distiller:
 
     def _diverged(self, iteration: int, where: str) -> None:
         """Skip the update, lower the image lr; stop after too many in a row."""
+        d = self.config.distill
         self.failures += 1
         self.opt_img.zero_grad(set_to_none=True)
         self.opt_lr.zero_grad(set_to_none=True)
-        self.lr_img *= 0.5
+        self.lr_img *= d.divergence_lr_factor
         for group in self.opt_img.param_groups:
             group["lr"] = self.lr_img
             for p in group["params"]:
                 self.opt_img.state.pop(p, None)
-        if self.failures >= 5:
+        if self.failures >= d.max_divergences:
             raise DivergenceError(
-                f"distillation diverged ({where} is NaN/Inf or the lr <= 0) 5 times in a row at iteration "
-                f"{iteration}; the last good set is kept; lower distill.lr_img or distill.lr_lr"
+                f"distillation diverged ({where}: NaN/Inf or lr <= 0) {self.failures} times in a row at "
+                f"iteration {iteration}; the last good set is saved; lower distill.lr_img or distill.lr_lr"
             )
 
     # --------------------------------------------------------------- output

@@ -20,7 +20,7 @@ from astkit.augment import DSA, build_augmentation
 from astkit.config import RunConfig
 from astkit.data import BUILTIN_DATASETS, Dataset, load_dataset
 from astkit.distill import Distiller
-from astkit.errors import FileFormatError, UserError
+from astkit.errors import DivergenceError, FileFormatError, UserError
 from astkit.evaluate import train_on_synthetic
 from astkit.experts import expert_seed, train_expert
 from astkit.functional import FlatModel
@@ -227,6 +227,11 @@ class Engine:
         try:
             while distiller.iteration < d.iterations:
                 metrics = distiller.step()
+                if metrics.rolled_back:
+                    self.progress.log(
+                        f"iteration {metrics.iteration}: NaN/Inf or lr <= 0, update rolled back; "
+                        f"image lr lowered to {metrics.lr_img:g}"
+                    )
                 log.write({"event": "iteration", **metrics.to_json()})
                 self.hooks.astkit_on_iteration_end(metrics=metrics, images=distiller.images.detach(), config=self.config)
                 self.progress.advance(
@@ -241,6 +246,10 @@ class Engine:
         except KeyboardInterrupt:
             self._checkpoint(distiller, meta)
             self.progress.log(f"interrupted: checkpoint written at iteration {distiller.iteration}; use --resume")
+            raise
+        except DivergenceError:
+            distiller.distilled(meta, self._zca()).save(self.out / "distilled.safetensors")
+            self._checkpoint(distiller, meta)
             raise
         finally:
             self.progress.stop("distill")

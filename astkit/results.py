@@ -26,6 +26,9 @@ class IterationMetrics:
     terms: list[float]
     seconds: float
     grad_norm: float = 0.0
+    #: the update was skipped (NaN/Inf or lr <= 0) and the image lr lowered
+    rolled_back: bool = False
+    lr_img: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -1,0 +1,115 @@
+"""Divergence, interruption, full disks, unwritable folders, bad plugin answers."""
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+from astkit import DistilledSet, Engine, hookimpl
+from astkit.errors import DivergenceError, UserError
+from astkit import store
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory, digits):
+    tmp = tmp_path_factory.mktemp("rel")
+    return Engine(tiny_config(tmp), dataset=digits).train_experts()
+
+
+class NaNOnce:
+    """Makes the inner loss weight NaN-producing for chosen iterations."""
+
+    astkit_plugin_name = "nan-once"
+
+    def __init__(self, bad):
+        self.bad = set(bad)
+
+    @hookimpl
+    def astkit_perturb_expert(self, params, iteration):
+        if iteration in self.bad:
+            return {k: v * float("nan") for k, v in params.items()}
+        return None
+
+
+def test_nan_rolls_back_and_lowers_the_image_lr(tmp_path, digits, experts):
+    engine = Engine(tiny_config(tmp_path, "distill.iterations=4"), dataset=digits, plugins=[NaNOnce({1})])
+    distiller = engine.make_distiller(experts)
+    distiller.step()
+    before = distiller.images.detach().clone()
+    m = distiller.step()
+    assert m.rolled_back and m.lr_img == 50.0
+    assert torch.equal(distiller.images.detach(), before)
+    m = distiller.step()
+    assert not m.rolled_back and torch.isfinite(distiller.images).all()
+
+
+def test_repeated_divergence_stops_cleanly_with_the_last_good_set(tmp_path, digits, experts):
+    engine = Engine(tiny_config(tmp_path, "distill.iterations=10", "distill.max_divergences=3"), dataset=digits,
+                    plugins=[NaNOnce(range(2, 10))])
+    with pytest.raises(DivergenceError, match="3 times in a row at iteration 4"):
+        engine.distill(experts)
+    saved = DistilledSet.load(engine.out / "distilled.safetensors")
+    assert saved.iteration == 4 and torch.isfinite(saved.images).all()
+    lines = [json.loads(x) for x in (engine.out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["rolled_back"] for x in lines] == [False, False, True, True]
+
+
+class Interrupt:
+    astkit_plugin_name = "interrupt"
+
+    @hookimpl
+    def astkit_on_iteration_end(self, metrics):
+        if metrics.iteration == 1:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_equals_uninterrupted(tmp_path, digits, experts):
+    full = Engine(tiny_config(tmp_path / "full", "distill.iterations=4", "distill.checkpoint_every=0"),
+                  dataset=digits).distill(experts)
+    cut = Engine(tiny_config(tmp_path / "cut", "distill.iterations=4", "distill.checkpoint_every=0"), dataset=digits,
+                 plugins=[Interrupt()])
+    with pytest.raises(KeyboardInterrupt):
+        cut.distill(experts)
+    assert (cut.out / "checkpoint.safetensors").is_file()
+    resumed = Engine(tiny_config(tmp_path / "cut", "distill.iterations=4", "distill.checkpoint_every=0"),
+                     dataset=digits).distill(experts, resume=True)
+    assert torch.equal(full.images, resumed.images) and full.lr == resumed.lr
+
+
+def test_full_disk_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "d.safetensors"
+    store.save(path, "distilled", {"images": torch.zeros(1)}, {})
+    good = path.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(UserError, match="disk full while writing"):
+        store.save(path, "distilled", {"images": torch.ones(1)}, {})
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match="cannot write to"):
+        store.save(blocker / "sub" / "x.safetensors", "distilled", {"a": torch.zeros(1)}, {})
+
+
+def test_a_bad_plugin_answer_is_a_clear_error(tmp_path, digits, experts):
+    class BadWeight:
+        astkit_plugin_name = "bad-weight"
+
+        @hookimpl
+        def astkit_inner_loss_weight(self):
+            return -1.0
+
+    engine = Engine(tiny_config(tmp_path), dataset=digits, plugins=[BadWeight()])
+    with pytest.raises(UserError, match="must be a positive finite number"):
+        engine.distill(experts)
