@@ -23,13 +23,13 @@ def astkit_inner_loss_weight(start_epoch, max_start_epoch, config):
 
 
 class MLP(nn.Module):
-    """A two-layer perceptron on flattened images."""
+    """A two-layer perceptron on flattened images (``width`` hidden units)."""
 
-    def __init__(self, channels, num_classes, image_size, hidden=64):
+    def __init__(self, channels, num_classes, image_size, width=64):
         super().__init__()
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(channels * h * w, hidden), nn.ReLU())
-        self.classifier = nn.Linear(hidden, num_classes)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(channels * h * w, width), nn.ReLU())
+        self.classifier = nn.Linear(width, num_classes)
 
     def embed(self, x):
         return self.body(x)
