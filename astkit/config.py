@@ -150,15 +150,15 @@ class RunConfig:
         for key, value in data.items():
             if key in SECTIONS:
                 if not isinstance(value, dict):
-                    raise UserError(f"config section [{key}] must be a table, got {value!r}")
+                    raise UserError(f"config section [{key}] must be a table, got {value!r}; write it as [{key}] with key = value lines")
                 for sub, subvalue in value.items():
                     config.set(f"{key}.{sub}", subvalue)
             elif key == "options":
                 if not isinstance(value, dict):
-                    raise UserError("config section [options] must hold one table per plugin")
+                    raise UserError("config section [options] must hold one table per plugin; write [options.PLUGIN] tables")
                 for ns, table in value.items():
                     if not isinstance(table, dict):
-                        raise UserError(f"config section [options.{ns}] must be a table")
+                        raise UserError(f"config section [options.{ns}] must be a table; write key = value lines under it")
                     for sub, subvalue in table.items():
                         config.set(f"{ns}.{sub}", subvalue)
             else:
@@ -172,11 +172,11 @@ class RunConfig:
         if path is not None:
             path = Path(path)
             if not path.is_file():
-                raise UserError(f"config file {path} does not exist")
+                raise UserError(f"config file {path} does not exist; check the --config path")
             try:
                 data = tomllib.loads(path.read_text())
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-                raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+                raise UserError(f"config file {path} is not valid TOML: {exc}; fix the file (see docs/configuration.md)") from None
         config = cls.from_dict(data)
         for item in overrides or []:
             config.apply_override(item)
@@ -317,43 +317,43 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key {key} expects a list, got {value!r}")
+            raise UserError(f"config key {key} expects a list, got {value!r}; write a,b or [\"a\", \"b\"]")
         (item,) = typing.get_args(annotation) or (Any,)
         return [_coerce(v, item, key) for v in value]
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
-            raise UserError(f"config key {key} expects a table, got {value!r}")
+            raise UserError(f"config key {key} expects a table, got {value!r}; write it as a TOML table")
         return value
     if value is None:
         if annotation is str:  # `--set augment.strategy=none` means the word
             return "none"
-        raise UserError(f"config key {key} cannot be empty")
+        raise UserError(f"config key {key} cannot be empty; give it a value")
     if annotation is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
             return value.lower() in ("true", "yes", "1", "on")
-        raise UserError(f"config key {key} expects true or false, got {value!r}")
+        raise UserError(f"config key {key} expects true or false, got {value!r}; write {key}=true or {key}=false")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise UserError(f"config key {key} expects an integer, got {value!r}")
+            raise UserError(f"config key {key} expects an integer, got {value!r}; write a whole number")
         try:
             as_float = float(value)
         except ValueError:
-            raise UserError(f"config key {key} expects an integer, got {value!r}") from None
+            raise UserError(f"config key {key} expects an integer, got {value!r}; write a whole number") from None
         if not as_float.is_integer():
-            raise UserError(f"config key {key} expects an integer, got {value!r}")
+            raise UserError(f"config key {key} expects an integer, got {value!r}; write a whole number")
         return int(as_float)
     if annotation is float:
         if isinstance(value, bool):
-            raise UserError(f"config key {key} expects a number, got {value!r}")
+            raise UserError(f"config key {key} expects a number, got {value!r}; write e.g. 0.01 or 1e-5")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise UserError(f"config key {key} expects a number, got {value!r}") from None
+            raise UserError(f"config key {key} expects a number, got {value!r}; write e.g. 0.01 or 1e-5") from None
     if annotation is str:
         if isinstance(value, (dict, list)):
-            raise UserError(f"config key {key} expects a string, got {value!r}")
+            raise UserError(f"config key {key} expects a string, got {value!r}; write a single name")
         return str(value)
     return value
 

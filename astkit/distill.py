@@ -205,7 +205,7 @@ class Distiller:
             state = meta["state"]
             images, labels = tensors["images"], tensors["labels"]
         except KeyError as exc:
-            raise FileFormatError(f"{path}: checkpoint is missing {exc}") from None
+            raise FileFormatError(f"{path}: checkpoint is missing {exc}; start without --resume") from None
         if images.shape != self.images.shape or not torch.equal(labels.cpu(), self.labels.cpu()):
             raise UserError(
                 f"{path}: checkpoint holds {tuple(images.shape)} images, this run makes "

@@ -159,7 +159,7 @@ class Engine:
             )
         made_on = trajectory.meta.get("dataset", {})
         if made_on.get("name") and made_on["name"] != self.dataset.name:
-            raise FileFormatError(f"{path}: trained on {made_on['name']}, this run distils {self.dataset.name}")
+            raise FileFormatError(f"{path}: trained on {made_on['name']}, this run distils {self.dataset.name}; use experts of this dataset")
         if "zca" in made_on and bool(made_on["zca"]) != (self.dataset.zca is not None):
             raise FileFormatError(
                 f"{path}: trained {'with' if made_on['zca'] else 'without'} ZCA whitening; set data.zca to match"
@@ -178,7 +178,7 @@ class Engine:
         ipc, ds = self.config.distill.ipc, self.dataset
         smallest = min(len(i) for i in ds.class_indices())
         if ipc > smallest:
-            raise UserError(f"distill.ipc = {ipc} exceeds the smallest class of {ds.name} ({smallest} images)")
+            raise UserError(f"distill.ipc = {ipc} exceeds the smallest class of {ds.name} ({smallest} images); lower distill.ipc")
         answer = self.hooks.astkit_init_synthetic(
             dataset=ds, ipc=ipc, experts=experts, generator=generator, config=self.config
         )
@@ -186,7 +186,7 @@ class Engine:
         expected = (ipc * ds.num_classes, ds.channels, *ds.image_size)
         if tuple(images.shape) != expected or labels.shape != (expected[0],):
             raise UserError(
-                f"astkit_init_synthetic returned images {tuple(images.shape)}, expected {expected} with labels"
+                f"astkit_init_synthetic returned images {tuple(images.shape)}, expected {expected} with labels; fix or disable the init plugin"
             )
         return images.float(), labels.long()
 
@@ -317,14 +317,14 @@ class Engine:
         ds = self.dataset
         made_on = distilled.meta.get("dataset", {}).get("name")
         if made_on and made_on != ds.name:
-            raise FileFormatError(f"the distilled set was made from {made_on}, this run tests on {ds.name}")
+            raise FileFormatError(f"the distilled set was made from {made_on}, this run tests on {ds.name}; pass --dataset {made_on}")
         if tuple(distilled.images.shape[1:]) != (ds.channels, *ds.image_size):
             raise FileFormatError(
                 f"distilled images are {tuple(distilled.images.shape[1:])}, {ds.name} has "
-                f"{(ds.channels, *ds.image_size)}"
+                f"{(ds.channels, *ds.image_size)}; evaluate on the dataset it was distilled from"
             )
         if int(distilled.labels.max()) >= ds.num_classes:
-            raise FileFormatError(f"distilled labels exceed the {ds.num_classes} classes of {ds.name}")
+            raise FileFormatError(f"distilled labels exceed the {ds.num_classes} classes of {ds.name}; evaluate on the dataset it was distilled from")
         if bool(distilled.zca) != (ds.zca is not None):
             raise FileFormatError("the distilled set and this run disagree on ZCA whitening; set data.zca to match")
 

@@ -114,7 +114,7 @@ def train_expert(
             batch = ExpertBatch(model, x, labels[idx].to(device), clean)
             loss = hooks.astkit_expert_loss(batch=batch, epoch=epoch, num_epochs=e.epochs, config=config)
             if loss is None or not torch.is_tensor(loss) or loss.ndim != 0:
-                raise UserError("the astkit_expert_loss hook must return a scalar tensor")
+                raise UserError("the astkit_expert_loss hook must return a scalar tensor; fix or disable the plugin that answers it")
             if not torch.isfinite(loss):
                 raise UserError(
                     f"expert {index} diverged at epoch {epoch} (loss {float(loss)}); lower experts.lr"

@@ -29,12 +29,12 @@ def validate_schedule(points: Sequence[MatchPoint], syn_steps: int, expert_epoch
     """Check a matching schedule returned by a plugin (raise UserError)."""
     points = list(points)
     if not points:
-        raise UserError("the matching schedule is empty; it needs at least one MatchPoint")
+        raise UserError("the matching schedule is empty; the schedule plugin must return at least one MatchPoint")
     for p in points:
         if not 1 <= p.student_step <= syn_steps:
-            raise UserError(f"matching point {p} has student_step outside 1..{syn_steps}")
+            raise UserError(f"matching point {p} has student_step outside 1..{syn_steps}; fix or disable the schedule plugin")
         if not 1 <= p.expert_offset <= expert_epochs:
-            raise UserError(f"matching point {p} has expert_offset outside 1..{expert_epochs}")
+            raise UserError(f"matching point {p} has expert_offset outside 1..{expert_epochs}; fix or disable the schedule plugin")
     return points
 
 

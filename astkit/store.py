@@ -46,14 +46,14 @@ def load(path: str | Path, kind: str | None = None) -> tuple[dict[str, torch.Ten
     """Read an astkit file; check it is one (of ``kind`` if given)."""
     path = Path(path)
     if not path.is_file():
-        raise FileFormatError(f"{path}: no such file")
+        raise FileFormatError(f"{path}: no such file; check the path")
     meta = read_metadata(path)
     if kind is not None and meta.get("kind") != kind:
-        raise FileFormatError(f"{path}: expected an astkit {kind} file, this one holds a {meta.get('kind')}")
+        raise FileFormatError(f"{path}: expected an astkit {kind} file, this one holds a {meta.get('kind')}; pass a {kind} file (astkit show FILE tells what a file holds)")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise FileFormatError(f"{path}: corrupt or truncated astkit file ({exc})") from None
+        raise FileFormatError(f"{path}: corrupt or truncated astkit file ({exc}); use an intact copy or rerun the stage that wrote it") from None
     return tensors, meta
 
 
@@ -70,16 +70,16 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                 raise ValueError("bad header length")
             header = json.loads(fh.read(size))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise FileFormatError(f"{path}: not an astkit file (not safetensors: {exc})") from None
+        raise FileFormatError(f"{path}: not an astkit file (not safetensors: {exc}); astkit reads only the .safetensors files it wrote") from None
     raw = (header.get("__metadata__") or {}).get("astkit") if isinstance(header, dict) else None
     if raw is None:
-        raise FileFormatError(f"{path}: a safetensors file, but not one astkit wrote (no astkit metadata)")
+        raise FileFormatError(f"{path}: a safetensors file, but not one astkit wrote (no astkit metadata); astkit reads only files it wrote")
     try:
         meta = json.loads(raw)
     except ValueError:
-        raise FileFormatError(f"{path}: astkit metadata is not valid JSON") from None
+        raise FileFormatError(f"{path}: astkit metadata is not valid JSON; the file is damaged, use an intact copy") from None
     if not isinstance(meta, dict) or meta.get("kind") not in KINDS:
-        raise FileFormatError(f"{path}: astkit metadata has no known kind")
+        raise FileFormatError(f"{path}: astkit metadata has no known kind; the file is damaged or from another tool")
     if int(meta.get("format", 0)) > FORMAT_VERSION:
         raise FileFormatError(f"{path}: written by a newer astkit (format {meta['format']}); upgrade astkit")
     return meta

@@ -110,3 +110,18 @@ def test_cli_page_names_only_options_that_exist():
     assert not unknown, f"docs/cli.md names options the CLI does not have: {', '.join(unknown)}"
     for name in command.commands:
         assert f"astkit {name}" in text, f"docs/cli.md does not describe `astkit {name}`"
+
+
+def test_error_reference_is_generated_from_the_code():
+    """docs/errors.md lists every error astkit raises, as the code has it now."""
+    spec = importlib.util.spec_from_file_location("astkit_docs_gen_errors", DOCS / "gen_errors.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (DOCS / "errors.md").read_text() == gen.render(), (
+        "docs/errors.md is stale: run `python docs/gen_errors.py` and commit the result"
+    )
+    rows = gen.collect()
+    assert len(rows) > 50
+    text = (DOCS / "errors.md").read_text()
+    for _, _, message in rows:
+        assert message.partition("; ")[0].replace("|", "\\|") in text
