@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
-from astkit import _defaults, store
+from astkit import _defaults, distributed, store
 from astkit.augment import DSA, build_augmentation
 from astkit.config import RunConfig
 from astkit.data import BUILTIN_DATASETS, Dataset, load_dataset
@@ -72,6 +72,9 @@ class Engine:
             )
         self._dataset = dataset
         self.device = resolve_device(self.config.device)
+        distributed.init(self.device)
+        if distributed.rank() != 0:  # only rank 0 shows progress
+            self.progress = Progress()
         a = self.config.augment
         self.augment: DSA = build_augmentation(a.strategy, a.mode)
 
@@ -113,9 +116,24 @@ class Engine:
         return Path(self.config.experts.dir) if self.config.experts.dir else self.out / "experts"
 
     def train_experts(self, indices: Iterable[int] | None = None) -> list[Trajectory]:
-        """Train experts (all, or those in ``indices``) and write one file each."""
+        """Train experts (all, or those in ``indices``) and write one file each.
+
+        Under ``torchrun`` each rank trains its share (``i % world_size ==
+        rank``) and, once all ranks are done, every rank returns all of them.
+        """
         e = self.config.experts
         indices = list(range(e.num_experts)) if indices is None else list(indices)
+        if distributed.world_size() > 1:
+            self._train_experts(distributed.my_share(indices))
+            distributed.barrier()
+            trajectories = [Trajectory.load(self.experts_dir() / f"expert_{i:03d}.safetensors") for i in indices]
+            for trajectory in trajectories:
+                trajectory.registry = self.models
+            return trajectories
+        return self._train_experts(indices)
+
+    def _train_experts(self, indices: list[int]) -> list[Trajectory]:
+        e = self.config.experts
         directory = self.experts_dir()
         trajectories = []
         for index in indices:
@@ -143,11 +161,13 @@ class Engine:
         files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
         if not files:
             raise UserError(f"no expert trajectories in {directory}; run `astkit experts` first or set experts.dir")
-        experts = [Trajectory.load(f) for f in files]
-        for path, trajectory in zip(files, experts):
-            self.check_expert(trajectory, path)
-            trajectory.registry = self.models
-        return experts
+        return [self._load_expert(f) for f in files]
+
+    def _load_expert(self, path: Path) -> Trajectory:
+        trajectory = Trajectory.load(path)
+        self.check_expert(trajectory, path)
+        trajectory.registry = self.models
+        return trajectory
 
     def check_expert(self, trajectory: Trajectory, path: Path | str = "expert") -> None:
         """Raise if a trajectory was made for another model, data or is too short."""
@@ -211,6 +231,11 @@ class Engine:
         ``metrics.jsonl``. ``resume=True`` continues from the run's
         checkpoint (or from the given checkpoint path).
         """
+        if distributed.world_size() > 1:
+            raise UserError(
+                "distillation does not run across processes yet; train experts with "
+                "`torchrun --nproc-per-node K -m astkit experts`, then run `astkit distill` in one process"
+            )
         experts = experts if experts is not None else self.load_experts()
         d = self.config.distill
         distiller = self.make_distiller(experts)
