@@ -355,13 +355,24 @@ class Engine:
 
     # ---------------------------------------------------------------- all
     def run(self, *, resume: bool = False) -> RunResult:
-        """Experts (trained, or loaded from ``experts.dir``), distillation, evaluation."""
+        """Experts (trained, or loaded from ``experts.dir``), distillation, evaluation.
+
+        ``resume=True`` keeps the expert files already written (training only
+        the missing ones) and continues distillation from the checkpoint if
+        there is one.
+        """
         self.config.check_expert_length()
         if self.config.experts.dir:
             experts = self.load_experts()
+        elif resume:
+            missing = [i for i in range(self.config.experts.num_experts)
+                       if not (self.experts_dir() / f"expert_{i:03d}.safetensors").is_file()]
+            self.train_experts(missing)
+            experts = self.load_experts()
         else:
             experts = self.train_experts()
-        distilled = self.distill(experts, resume=resume)
+        checkpoint = self.out / "checkpoint.safetensors"
+        distilled = self.distill(experts, resume=resume and checkpoint.is_file())
         evaluation = self.evaluate(distilled)
         MetricsLog(self.out / "metrics.jsonl").write({"event": "final_evaluation", **evaluation.to_json()})
         return RunResult(experts, distilled, evaluation, list(self.history), self.out)

@@ -92,7 +92,7 @@ def atomic_write(path: Path, write) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise UserError(f"cannot write to {path.parent}: {exc.strerror}; choose another --out") from None
+        raise UserError(f"cannot write to {path.parent}: {exc.strerror}; check its permissions or choose another folder") from None
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would

@@ -1,0 +1,79 @@
+"""The benchmark scripts run (``--quick``) and write the JSON they promise.
+
+Smoke tests only: the numbers themselves depend on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def run_quick(script: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f"{Path(script).stem}.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--json", str(out), *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "command:" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def test_distill_speed_quick(tmp_path):
+    data = run_quick("distill_speed.py", tmp_path)
+    assert data["benchmark"] == "distill_speed" and data["quick"] is True
+    assert {"command", "settings", "environment", "ceiling", "results"} <= set(data)
+    ceiling = data["ceiling"]
+    assert ceiling["ok"] and ceiling["gflops_per_second_best"] > 0
+    results = data["results"]
+    assert len(results) >= 2
+    assert any(r["segment"] > 0 for r in results) and any(r["segment"] == 0 for r in results)
+    for r in results:
+        assert r["ok"], r
+        for key in ("ipc", "syn_steps", "segment", "seconds_per_iteration", "peak_rss_bytes", "flops_per_iteration",
+                    "gflops_per_second", "flop_method"):
+            assert key in r, key
+        assert _number(r["seconds_per_iteration"]) and r["seconds_per_iteration"] > 0
+        assert r["peak_rss_bytes"] > 0 and r["flops_per_iteration"] > 0 and r["gflops_per_second"] > 0
+        assert len(r["seconds_all"]) == data["settings"]["iterations"]
+    # Recomputation redoes the forward work: more FLOPs per step than the full graph.
+    full = [r for r in results if r["segment"] == 0]
+    seg = [r for r in results if r["segment"] > 0]
+    per_step = lambda r: r["flops_per_iteration"] / (r["syn_steps"] * r["num_images"])  # noqa: E731
+    assert min(per_step(r) for r in seg) > max(per_step(r) for r in full)
+
+
+def test_expert_speed_quick(tmp_path):
+    data = run_quick("expert_speed.py", tmp_path)
+    assert data["benchmark"] == "expert_speed" and data["quick"] is True
+    modes = {r["mode"]: r for r in data["results"]}
+    assert set(modes) == {"plain", "smooth", "smooth-fraction", "evaluate"}
+    for mode in ("plain", "smooth", "smooth-fraction"):
+        r = modes[mode]
+        assert r["ok"], r
+        assert _number(r["seconds_per_epoch"]) and r["seconds_per_epoch"] > 0
+        assert r["peak_rss_bytes"] > 0 and 0 <= r["final_test_accuracy"] <= 1
+    assert modes["plain"]["plugins"] == [] and modes["plain"]["optimizer"]["momentum"] == 0
+    assert modes["smooth"]["optimizer"]["momentum"] == pytest.approx(0.9)
+    assert modes["smooth"]["smooth_experts"]["penalty_fraction"] == 1.0
+    assert modes["smooth-fraction"]["smooth_experts"]["penalty_fraction"] == pytest.approx(0.25)
+    ev = modes["evaluate"]
+    assert ev["ok"] and ev["num_images"] == 100 and ev["seconds_per_network"] > 0
+
+
+def test_bad_config_is_rejected():
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "distill_speed.py"), "--configs", "10by20"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "IPCxSYN_STEPS" in proc.stderr
