@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from astkit.models.layers import conv_size, image_hw, make_pool, positive
+from astkit.models.layers import FeatureClassifier, conv_size, image_hw, make_pool, positive
 
 
-class AlexNet(nn.Module):
+class AlexNet(FeatureClassifier):
     """DC's AlexNet; ``width`` is the first conv's channels (128), the rest scale with it.
 
     Pools that would shrink a side below 1 px are skipped, so any input size works.
@@ -33,11 +32,6 @@ class AlexNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_channels * size[0] * size[1], num_classes)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
 
 
 def alexnet(channels: int, num_classes: int, image_size, *, width: int = 128) -> AlexNet:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
-from astkit.models.layers import check_pooling, image_hw, make_activation, make_norm, make_pool, positive
+from astkit.models.layers import FeatureClassifier, check_pooling, image_hw, make_activation, make_norm, make_pool, positive
 from astkit.models.variant import Variant
 
 
@@ -26,7 +25,7 @@ def auto_depth(image_size: int | tuple[int, int], pooling: str = "avgpool") -> i
     return depth
 
 
-class ConvNet(nn.Module):
+class ConvNet(FeatureClassifier):
     """MTT's ConvNet; ``depth=None`` picks the depth from the resolution."""
 
     def __init__(self, channels: int, num_classes: int, image_size, width: int = 128, depth: int | None = None,
@@ -46,11 +45,6 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width * size[0] * size[1], num_classes)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
 
 
 def convnet(channels: int, num_classes: int, image_size, *, width: int = 128, depth: int | None = None,

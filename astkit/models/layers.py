@@ -77,3 +77,20 @@ def positive(name: str, value: int, model: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{model} option {name} must be a positive integer, got {value!r}")
     return value
+
+
+class FeatureClassifier(nn.Module):
+    """A network made of ``self.features`` then one linear ``self.classifier``.
+
+    ``embed`` gives the flattened features (the input of the classifier),
+    ``forward`` the logits.
+    """
+
+    features: nn.Module
+    classifier: nn.Linear
+
+    def embed(self, x):
+        return self.features(x).flatten(1)
+
+    def forward(self, x):
+        return self.classifier(self.embed(x))

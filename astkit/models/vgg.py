@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from astkit.models.layers import conv_size, image_hw, make_norm, make_pool, positive
+from astkit.models.layers import FeatureClassifier, conv_size, image_hw, make_norm, make_pool, positive
 from astkit.models.variant import Variant
 
 VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-class VGG11(nn.Module):
+class VGG11(FeatureClassifier):
     """DC's VGG11; 1-channel inputs get padding 3 on the first conv (28 px -> 32 px).
 
     ``width`` scales every stage (64 = DC's). Pools that would shrink a side
@@ -39,11 +38,6 @@ class VGG11(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_channels * size[0] * size[1], num_classes)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
 
 
 def vgg11(channels: int, num_classes: int, image_size, *, width: int = 64, norm: str = "instancenorm") -> VGG11:
