@@ -210,15 +210,28 @@ class Engine:
             )
         return images.float(), labels.long()
 
-    def make_distiller(self, experts: list[Trajectory]) -> Distiller:
-        """A distiller at iteration 0 (initial images from the init hook)."""
+    def make_distiller(self, experts: list[Trajectory], checkpoint: Path | None = None) -> Distiller:
+        """A distiller at iteration 0 (images from the init hook), or restored
+        from ``checkpoint`` (the init hook is then not called)."""
         for trajectory in experts:
             self.check_expert(trajectory)
             if trajectory.registry is None:
                 trajectory.registry = self.models
         generator = torch.Generator().manual_seed(self.config.seed)
         torch.manual_seed(self.config.seed)
-        images, labels = self.init_synthetic(experts, generator)
+        if checkpoint is None:
+            images, labels = self.init_synthetic(experts, generator)
+        else:
+            tensors, _ = store.load(checkpoint, "checkpoint")
+            images, labels = tensors.get("images"), tensors.get("labels")
+            ds, ipc = self.dataset, self.config.distill.ipc
+            expected = (ipc * ds.num_classes, ds.channels, *ds.image_size)
+            if images is None or labels is None or tuple(images.shape) != expected:
+                found = "no images" if images is None else f"images {tuple(images.shape)}"
+                raise UserError(
+                    f"{checkpoint}: holds {found}, this run makes {expected}; "
+                    "resume with the config the checkpoint was made with"
+                )
         student = FlatModel(self.model_spec.build(self.models).to(self.device))
         return Distiller(self.config, self.hooks, experts, student, self.augment, images, labels,
                          generator=generator, device=self.device)
@@ -238,9 +251,11 @@ class Engine:
             )
         experts = experts if experts is not None else self.load_experts()
         d = self.config.distill
-        distiller = self.make_distiller(experts)
+        path = None
         if resume:
             path = self.out / "checkpoint.safetensors" if resume is True else Path(resume)
+        distiller = self.make_distiller(experts, path)
+        if path is not None:
             distiller.load_checkpoint(path)
             self.progress.log(f"resumed from {path} at iteration {distiller.iteration}")
         self.out.mkdir(parents=True, exist_ok=True)

@@ -113,3 +113,19 @@ def test_a_bad_plugin_answer_is_a_clear_error(tmp_path, digits, experts):
     engine = Engine(tiny_config(tmp_path), dataset=digits, plugins=[BadWeight()])
     with pytest.raises(UserError, match="must be a positive finite number"):
         engine.distill(experts)
+
+
+def test_resume_with_another_config_is_refused_and_the_init_hook_is_not_called(tmp_path, digits, experts):
+    Engine(tiny_config(tmp_path, "distill.iterations=2"), dataset=digits).distill(experts)
+    with pytest.raises(UserError, match=r"holds images \(20, 1, 8, 8\), this run makes \(30, 1, 8, 8\)"):
+        Engine(tiny_config(tmp_path, "distill.ipc=3"), dataset=digits).distill(experts, resume=True)
+
+    class NoInit:
+        astkit_plugin_name = "no-init"
+
+        @hookimpl
+        def astkit_init_synthetic(self):
+            raise AssertionError("the init hook runs on resume")
+
+    resumed = Engine(tiny_config(tmp_path, "distill.iterations=3"), dataset=digits, plugins=[NoInit()])
+    assert resumed.distill(experts, resume=True).iteration == 3
