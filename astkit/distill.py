@@ -203,20 +203,17 @@ class Distiller:
         tensors, meta = store.load(path, "checkpoint")
         try:
             state = meta["state"]
-            images, labels = tensors["images"], tensors["labels"]
-        except KeyError as exc:
+            images, lr = tensors["images"], tensors["lr"][0]
+            generator_state, rng_state = tensors["generator_state"], tensors["torch_rng_state"]
+            lr_img = float(state["lr_img"])
+        except (KeyError, IndexError) as exc:
             raise FileFormatError(f"{path}: checkpoint is missing {exc}; start without --resume") from None
-        if images.shape != self.images.shape or not torch.equal(labels.cpu(), self.labels.cpu()):
-            raise UserError(
-                f"{path}: checkpoint holds {tuple(images.shape)} images, this run makes "
-                f"{tuple(self.images.shape)}; resume with the config the checkpoint was made with"
-            )
         with torch.no_grad():
             self.images.copy_(images.to(self.device))
-            self.lr.copy_(tensors["lr"][0])
-        self.generator.set_state(tensors["generator_state"])
-        torch.set_rng_state(tensors["torch_rng_state"])
-        self.lr_img = float(state["lr_img"])
+            self.lr.copy_(lr)
+        self.generator.set_state(generator_state)
+        torch.set_rng_state(rng_state)
+        self.lr_img = lr_img
         for group in self.opt_img.param_groups:
             group["lr"] = self.lr_img
         for name, opt, param in (("img", self.opt_img, self.images), ("lr", self.opt_lr, self.lr)):
