@@ -38,10 +38,14 @@ class Distiller:
         *,
         generator: torch.Generator,
         device: torch.device | str = "cpu",
+        shard: Any = None,
     ):
         d = config.distill
         self.config, self.hooks, self.experts, self.student = config, hooks, experts, student
         self.augment, self.generator, self.device = augment, generator, torch.device(device)
+        #: a :class:`~astkit.collectives.BatchShard` under torchrun: each
+        #: rank unrolls on its rows of every mini-batch (see ``unroll``).
+        self.shard = shard
         self.images = images.detach().to(self.device).clone().requires_grad_(True)
         self.labels = labels.to(self.device)
         self.lr = torch.tensor(float(d.lr_teacher), device=self.device, requires_grad=True)
@@ -105,11 +109,14 @@ class Distiller:
             momentum=d.student_momentum,
             keep={p.student_step for p in schedule},
             segment=d.recompute_segment,
+            shard=self.shard,
         )
         loss, terms = matching_loss(student, start, targets, schedule)
         self.opt_img.zero_grad(set_to_none=True)
         self.opt_lr.zero_grad(set_to_none=True)
         loss.backward()
+        if self.shard is not None and self.images.grad is not None:
+            self.shard.sum_(self.images.grad)  # each rank holds its rows' part
         grad_norm = float(self.images.grad.norm()) if self.images.grad is not None else 0.0
         failures_before = self.failures
         if self._finite(loss):

@@ -2,7 +2,10 @@
 
 astkit uses PyTorch's own distributed runtime (gloo on CPU, NCCL on GPU).
 Under ``torchrun --nproc-per-node K``, expert ``i`` is trained by rank
-``i % K``; each rank writes its own files, which never collide.
+``i % K`` and evaluation network ``j`` by rank ``j % K``; each rank writes
+its own expert files, which never collide. Distillation splits every
+synthetic mini-batch across the ranks (:mod:`astkit.collectives`) and rank 0
+writes its files.
 """
 
 from __future__ import annotations
@@ -40,3 +43,18 @@ def barrier() -> None:
 def my_share(indices: list[int]) -> list[int]:
     """The items this rank handles: every ``world_size``-th, from ``rank``."""
     return [i for i in indices if i % world_size() == rank()]
+
+
+def gather_floats(values: list[float], mine: list[int]) -> list[float]:
+    """Every rank's ``values[i]`` for the ``i`` in its ``mine``, on every rank.
+
+    Each rank fills in the entries it computed; the result holds all of them
+    (a single process returns ``values`` unchanged).
+    """
+    if world_size() == 1:
+        return list(values)
+    own = torch.zeros(len(values), dtype=torch.float64)
+    for i in mine:
+        own[i] = values[i]
+    dist.all_reduce(own)
+    return own.tolist()

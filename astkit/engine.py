@@ -17,6 +17,7 @@ import torch
 
 from astkit import _defaults, distributed, store
 from astkit.augment import DSA, build_augmentation
+from astkit.collectives import BatchShard
 from astkit.config import RunConfig
 from astkit.data import BUILTIN_DATASETS, Dataset, load_dataset
 from astkit.distill import Distiller
@@ -82,6 +83,11 @@ class Engine:
     @property
     def out(self) -> Path:
         return Path(self.config.out)
+
+    @property
+    def is_main(self) -> bool:
+        """True in a single process and on rank 0 under torchrun: the one that writes run files."""
+        return distributed.rank() == 0
 
     @property
     def dataset(self) -> Dataset:
@@ -232,9 +238,33 @@ class Engine:
                     f"{checkpoint}: holds {found}, this run makes {expected}; "
                     "resume with the config the checkpoint was made with"
                 )
-        student = FlatModel(self.model_spec.build(self.models).to(self.device))
-        return Distiller(self.config, self.hooks, experts, student, self.augment, images, labels,
-                         generator=generator, device=self.device)
+        module = self.model_spec.build(self.models).to(self.device)
+        shard = self._batch_shard(module)
+        distiller = Distiller(self.config, self.hooks, experts, FlatModel(module), self.augment, images, labels,
+                              generator=generator, device=self.device, shard=shard)
+        if shard is not None:  # every rank starts from rank 0's images, whatever the init hook did
+            with torch.no_grad():
+                shard.broadcast_(distiller.images.data)
+        return distiller
+
+    def _batch_shard(self, module: torch.nn.Module) -> BatchShard | None:
+        """Under torchrun: this rank's share of every synthetic mini-batch."""
+        world = distributed.world_size()
+        if world == 1:
+            return None
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+            raise UserError(
+                "distillation across processes needs a model without batch norm (its statistics couple the "
+                "ranks' rows); set model.norm=instancenorm or run distill in one process"
+            )
+        d, classes = self.config.distill, self.dataset.num_classes
+        batch = min(d.batch_syn or d.ipc * classes, d.ipc * classes)
+        if batch < world:
+            raise UserError(
+                f"distillation across {world} processes needs a synthetic mini-batch of at least {world} "
+                f"images, this run has {batch}; raise distill.batch_syn or use fewer processes"
+            )
+        return BatchShard(distributed.rank(), world)
 
     def distill(self, experts: list[Trajectory] | None = None, *, resume: bool | str | Path = False) -> DistilledSet:
         """Run ``distill.iterations`` iterations; return the distilled set.
@@ -243,12 +273,12 @@ class Engine:
         iterations and on Ctrl-C, ``distilled.safetensors`` at the end, and
         ``metrics.jsonl``. ``resume=True`` continues from the run's
         checkpoint (or from the given checkpoint path).
+
+        Under ``torchrun`` every rank unrolls the student on its share of each
+        synthetic mini-batch (the meta-gradient is the single-process one);
+        images and lr stay identical on every rank; rank 0 alone writes files
+        and fires the event hooks.
         """
-        if distributed.world_size() > 1:
-            raise UserError(
-                "distillation does not run across processes yet; train experts with "
-                "`torchrun --nproc-per-node K -m astkit experts`, then run `astkit distill` in one process"
-            )
         experts = experts if experts is not None else self.load_experts()
         d = self.config.distill
         path = None
@@ -258,9 +288,13 @@ class Engine:
         if path is not None:
             distiller.load_checkpoint(path)
             self.progress.log(f"resumed from {path} at iteration {distiller.iteration}")
-        self.out.mkdir(parents=True, exist_ok=True)
-        store.atomic_write_text(self.out / "config.toml", self.config.to_toml())
-        log = MetricsLog(self.out / "metrics.jsonl", [m.to_json() for m in distiller.history])
+        main = self.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            store.atomic_write_text(self.out / "config.toml", self.config.to_toml())
+            log = MetricsLog(self.out / "metrics.jsonl", [m.to_json() for m in distiller.history])
+        else:
+            log = MetricsLog(None)
         meta = self.metadata()
         self.progress.start("distill", "distilling", d.iterations)
         self.progress.advance("distill", distiller.iteration)
@@ -273,7 +307,10 @@ class Engine:
                         f"image lr lowered to {metrics.lr_img:g}"
                     )
                 log.write({"event": "iteration", **metrics.to_json()})
-                self.hooks.astkit_on_iteration_end(metrics=metrics, images=distiller.images.detach(), config=self.config)
+                if main:
+                    self.hooks.astkit_on_iteration_end(
+                        metrics=metrics, images=distiller.images.detach(), config=self.config
+                    )
                 self.progress.advance(
                     "distill", loss=metrics.loss, lr=metrics.lr, start=metrics.start_epoch
                 )
@@ -288,19 +325,25 @@ class Engine:
             self.progress.log(f"interrupted: checkpoint written at iteration {distiller.iteration}; use --resume")
             raise
         except DivergenceError:
-            distiller.distilled(meta, self._zca()).save(self.out / "distilled.safetensors")
+            if main:
+                distiller.distilled(meta, self._zca()).save(self.out / "distilled.safetensors")
             self._checkpoint(distiller, meta)
             raise
         finally:
             self.progress.stop("distill")
         distilled = distiller.distilled(meta, self._zca())
-        path = distilled.save(self.out / "distilled.safetensors")
+        if main:
+            path = distilled.save(self.out / "distilled.safetensors")
         self._checkpoint(distiller, meta)
-        self.hooks.astkit_on_checkpoint_written(path=str(path), iteration=distilled.iteration, config=self.config)
+        if main:
+            self.hooks.astkit_on_checkpoint_written(path=str(path), iteration=distilled.iteration, config=self.config)
+        distributed.barrier()  # the files exist before any rank goes on
         self.history = distiller.history
         return distilled
 
     def _checkpoint(self, distiller: Distiller, meta: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         path = distiller.save_checkpoint(self.out / "checkpoint.safetensors", meta)
         self.hooks.astkit_on_checkpoint_written(path=str(path), iteration=distiller.iteration, config=self.config)
 
@@ -332,9 +375,10 @@ class Engine:
         for name in names:
             options = self.config.model.options() if name == self.config.model.name else {}
             spec = ModelSpec(name, ds.channels, ds.num_classes, tuple(ds.image_size), options)
-            finals, maxima = [], []
-            self.progress.start("evaluate", f"evaluating {name}", v.num_nets)
-            for net in range(v.num_nets):
+            finals, maxima = [float("nan")] * v.num_nets, [float("nan")] * v.num_nets
+            mine = distributed.my_share(list(range(v.num_nets)))
+            self.progress.start("evaluate", f"evaluating {name}", len(mine))
+            for net in mine:
                 seed = expert_seed(self.config.seed + 7_777_777, net)
                 torch.manual_seed(seed)
                 generator = torch.Generator().manual_seed(seed)
@@ -343,14 +387,16 @@ class Engine:
                     model, distilled.images, distilled.labels, lr, v, self.augment,
                     ds.test_images, ds.test_labels, generator=generator,
                 )
-                finals.append(final)
+                finals[net] = final
                 if best is not None:
-                    maxima.append(best)
+                    maxima[net] = best
                 self.progress.advance("evaluate", acc=final)
             self.progress.stop("evaluate")
-            results[name] = ArchitectureResult(name, finals, maxima)
+            finals, maxima = distributed.gather_floats(finals, mine), distributed.gather_floats(maxima, mine)
+            results[name] = ArchitectureResult(name, finals, maxima if v.report_max else [])
         result = EvaluationResult(results, lr, v.epochs)
-        self.hooks.astkit_on_evaluation_done(result=result, iteration=iteration, config=self.config)
+        if self.is_main:
+            self.hooks.astkit_on_evaluation_done(result=result, iteration=iteration, config=self.config)
         return result
 
     def _check_distilled(self, distilled: DistilledSet) -> None:
@@ -377,6 +423,7 @@ class Engine:
         there is one.
         """
         self.config.check_expert_length()
+        self._batch_shard(self.model_spec.build(self.models))  # refuse a bad torchrun setup before training
         if self.config.experts.dir:
             experts = self.load_experts()
         elif resume:
@@ -389,20 +436,24 @@ class Engine:
         checkpoint = self.out / "checkpoint.safetensors"
         distilled = self.distill(experts, resume=resume and checkpoint.is_file())
         evaluation = self.evaluate(distilled)
-        MetricsLog(self.out / "metrics.jsonl").write({"event": "final_evaluation", **evaluation.to_json()})
+        if self.is_main:
+            MetricsLog(self.out / "metrics.jsonl").write({"event": "final_evaluation", **evaluation.to_json()})
         return RunResult(experts, distilled, evaluation, list(self.history), self.out)
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, appended as a run goes."""
+    """``metrics.jsonl``: one JSON object per line, appended as a run goes
+    (``path=None``: a log that writes nothing, for ranks other than 0)."""
 
-    def __init__(self, path: Path, restart_from: list[dict] | None = None):
+    def __init__(self, path: Path | None, restart_from: list[dict] | None = None):
         self.path = path
-        if restart_from is not None:
+        if path is not None and restart_from is not None:
             lines = "".join(json.dumps({"event": "iteration", **m}) + "\n" for m in restart_from)
             store.atomic_write_text(path, lines)
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 

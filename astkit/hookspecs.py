@@ -18,7 +18,14 @@ Two kinds of hooks:
   and the ``astkit_on_*`` lifecycle events). Registration hooks are called on
   every installed plugin, so ``astkit models`` lists a plugin's models even
   when the plugin is not enabled; lifecycle events go to enabled plugins.
+
+Under ``torchrun`` every rank loads the same plugins. Behaviour hooks of
+distillation are called on every rank with the same arguments and must give
+the same answer there (draw randomness only from the ``generator`` passed);
+``astkit_init_synthetic``'s answer on rank 0 is the one used. Each event
+hook's docstring says on which rank it fires.
 """
+
 
 from __future__ import annotations
 
@@ -261,7 +268,8 @@ def astkit_register_commands(app: Any) -> None:
 def astkit_on_expert_trained(index: int, trajectory: Trajectory, config: RunConfig) -> None:
     """An expert finished training and its trajectory file was written.
 
-    Called once per expert, after its file is saved.
+    Called once per expert, after its file is saved (under torchrun, on
+    the rank that trained it).
 
     :param index: the expert's index.
     :param trajectory: its trajectory (snapshots, accuracies, Avg_Var).
@@ -275,7 +283,7 @@ def astkit_on_expert_trained(index: int, trajectory: Trajectory, config: RunConf
 def astkit_on_iteration_end(metrics: IterationMetrics, images: torch.Tensor, config: RunConfig) -> None:
     """A distillation iteration finished (the images and lr were updated).
 
-    Called after every distillation iteration.
+    Called after every distillation iteration (under torchrun, on rank 0).
 
     :param metrics: the iteration's numbers (``iteration``, ``loss``,
         ``lr``, ``start_epoch``, ``inner_weight``, ``seconds``, ...).
@@ -291,7 +299,8 @@ def astkit_on_evaluation_done(result: EvaluationResult, iteration: int | None, c
     """An evaluation of a distilled set finished.
 
     Called after the periodic evaluations (``distill.eval_every``) and the
-    final one, once all architectures were trained and tested.
+    final one, once all architectures were trained and tested (under
+    torchrun, on rank 0, with every rank's networks).
 
     :param result: accuracies per architecture (mean, std, every network).
     :param iteration: the distillation iteration evaluated, or ``None`` for
@@ -307,7 +316,8 @@ def astkit_on_checkpoint_written(path: str, iteration: int, config: RunConfig) -
     """A checkpoint or distilled-set file was written (atomically).
 
     Called after every checkpoint (``distill.checkpoint_every``, Ctrl-C, the
-    end of distillation) and after the distilled set is saved.
+    end of distillation) and after the distilled set is saved (under
+    torchrun, on rank 0, the only one that writes them).
 
     :param path: the file written.
     :param iteration: the iteration it holds.

@@ -73,16 +73,29 @@ def plan_steps(
 
 
 def student_step(forward, theta, velocity, images, labels, lr, step_plan, augment, inner_weight, momentum,
-                 create_graph):
-    """One SGD step of the student: ``theta - lr * b`` (``b`` the heavy-ball velocity)."""
+                 create_graph, shard=None):
+    """One SGD step of the student: ``theta - lr * b`` (``b`` the heavy-ball velocity).
+
+    With a :class:`~astkit.collectives.BatchShard`, this rank computes the
+    gradient on its rows of the (augmented) mini-batch and the ranks' parts
+    are summed: every rank takes the same step as a single process would.
+    """
     idx, params = step_plan
     x, y = (images, labels) if idx is None else (images[idx], labels[idx])
     if params is not None:
         x = augment.apply(x, params)
-    loss = F.cross_entropy(forward(theta, x), y)
+    if shard is None:
+        loss = F.cross_entropy(forward(theta, x), y)
+        point = theta
+    else:
+        rows = shard.rows(x.shape[0])
+        point = shard.replicated(theta)
+        loss = F.cross_entropy(forward(point, x[rows]), y[rows], reduction="sum") / x.shape[0]
     if inner_weight != 1.0:
         loss = loss * inner_weight
-    (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+    (grad,) = torch.autograd.grad(loss, point, create_graph=create_graph)
+    if shard is not None:
+        grad = shard.summed(grad)
     if momentum:
         velocity = grad if velocity is None else momentum * velocity + grad
         grad = velocity
@@ -104,6 +117,7 @@ def unroll(
     momentum: float = 0.0,
     keep: set[int] | None = None,
     segment: int = 0,
+    shard: Any = None,
 ) -> dict[int, torch.Tensor]:
     """Run ``syn_steps`` differentiable SGD steps of the student.
 
@@ -118,19 +132,25 @@ def unroll(
     with memory that no longer grows with ``syn_steps`` (about one more
     forward pass of time).
 
+    ``shard`` (a :class:`~astkit.collectives.BatchShard`, under torchrun)
+    splits every step's mini-batch across the ranks. Every rank must call
+    ``unroll`` with the same arguments; the student and the lr's gradient are
+    then the same on every rank, and each rank's image gradient holds the
+    rows it processed (sum them over ranks for the full gradient).
+
     :return: ``{step: theta_step}`` for the steps in ``keep`` (default: the
         last), each differentiable with respect to ``images`` and ``lr``.
     """
     keep_steps = sorted({syn_steps} if keep is None else set(keep))
     plan = plan_steps(images, syn_steps, batch_syn, augment, generator)
-    args = (forward, labels, plan, augment, inner_weight, momentum)
+    args = (forward, labels, plan, augment, inner_weight, momentum, shard)
     if segment and segment < syn_steps:
         outs = _RecomputedUnroll.apply(images, lr, start, args, keep_steps, segment)
         return dict(zip(keep_steps, outs))
     theta, velocity, kept = start, None, {}
     for step, step_plan in enumerate(plan, 1):
         theta, velocity = student_step(forward, theta, velocity, images, labels, lr, step_plan, augment,
-                                       inner_weight, momentum, create_graph=True)
+                                       inner_weight, momentum, create_graph=True, shard=shard)
         if step in keep_steps:
             kept[step] = theta
     return kept
@@ -141,14 +161,15 @@ class _RecomputedUnroll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, images, lr, start, args, keep_steps, segment):
-        forward, labels, plan, augment, inner_weight, momentum = args
+        forward, labels, plan, augment, inner_weight, momentum, shard = args
         theta, velocity = start.detach(), None
         boundaries, kept = {0: (theta, None)}, {}
         x, alpha = images.detach(), lr.detach()
         with torch.enable_grad():
             for step, step_plan in enumerate(plan, 1):
                 new, velocity = student_step(forward, theta.requires_grad_(True), velocity, x, labels, alpha,
-                                             step_plan, augment, inner_weight, momentum, create_graph=False)
+                                             step_plan, augment, inner_weight, momentum, create_graph=False,
+                                             shard=shard)
                 theta = new.detach()
                 velocity = velocity.detach() if velocity is not None else None
                 if step % segment == 0 and step < len(plan):
@@ -162,7 +183,7 @@ class _RecomputedUnroll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_kept):
         images, lr = ctx.saved_tensors
-        forward, labels, plan, augment, inner_weight, momentum = ctx.args
+        forward, labels, plan, augment, inner_weight, momentum, shard = ctx.args
         direct = {k: g for k, g in zip(ctx.keep_steps, grad_kept) if g is not None}
         image_grad, lr_grad = torch.zeros_like(images), torch.zeros_like(lr)
         a_theta = a_velocity = None
@@ -177,7 +198,8 @@ class _RecomputedUnroll(torch.autograd.Function):
                 theta, velocity, total = theta0, velocity0, None
                 for step in range(s + 1, e + 1):
                     theta, velocity = student_step(forward, theta, velocity, x, labels, alpha, plan[step - 1],
-                                                   augment, inner_weight, momentum, create_graph=True)
+                                                   augment, inner_weight, momentum, create_graph=True,
+                                                   shard=shard)
                     if step in direct:
                         total = _add(total, (direct[step] * theta).sum())
                 if a_theta is not None:

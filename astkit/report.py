@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from astkit import store
+from astkit import distributed, store
 from astkit.hookspecs import hookimpl
 from astkit.progress import Progress
 
@@ -466,7 +466,10 @@ class Reporter:
         """Write the run's pictures and report.md; print a summary; return the files.
 
         Takes a :class:`astkit.RunResult`, or the parts a single stage made.
+        Under torchrun only rank 0 writes and prints (other ranks get ``{}``).
         """
+        if distributed.rank() != 0:
+            return {}
         if run_result is not None:
             experts = experts if experts is not None else run_result.experts
             distilled = distilled if distilled is not None else run_result.distilled

@@ -1,5 +1,6 @@
 """Experts trained by 2 gloo processes under torchrun equal a serial run."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -33,3 +34,72 @@ def test_torchrun_experts_equal_serial_experts(tmp_path):
         b = Trajectory.load(tmp_path / "ser" / "experts" / name)
         assert torch.equal(a.snapshots, b.snapshots)
         assert a.test_accuracy == b.test_accuracy
+
+
+def test_sharded_meta_gradient_equals_single_process(tmp_path):
+    """The synthetic batch split over 2 gloo ranks gives the single-process meta-gradient."""
+    from safetensors.torch import load_file
+
+    worker = str(Path(__file__).parent / "_sharded_meta_gradient.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    (tmp_path / "single").mkdir()
+    (tmp_path / "sharded").mkdir()
+    single = subprocess.run([sys.executable, worker, str(tmp_path / "single")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    sharded = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", worker, str(tmp_path / "sharded")],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    for case in ("full", "batch_momentum_dsa", "recompute"):
+        reference = load_file(str(tmp_path / "single" / f"{case}.rank0.safetensors"))
+        ranks = [load_file(str(tmp_path / "sharded" / f"{case}.rank{r}.safetensors")) for r in (0, 1)]
+        for key in ("images", "lr", "loss"):
+            assert torch.equal(ranks[0][key], ranks[1][key]), (case, key)  # identical on every rank
+            torch.testing.assert_close(ranks[0][key], reference[key], rtol=1e-9, atol=1e-12, msg=f"{case} {key}")
+        assert reference["images"].abs().sum() > 0 and reference["lr"].abs().sum() > 0
+
+
+RUN = TINY + ["--set", "distill.ipc=2", "--set", "distill.iterations=3", "--set", "distill.syn_steps=3",
+              "--set", "distill.batch_syn=7", "--set", "evaluate.num_nets=3", "--set", "evaluate.epochs=5",
+              "--set", "distill.checkpoint_every=2"]
+
+
+def test_torchrun_run_splits_distillation_and_evaluation(tmp_path):
+    """`torchrun -m astkit run` on 2 ranks: the serial run's files, images and accuracies (to float tolerance)."""
+    from astkit import DistilledSet
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    parallel = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "astkit", "run", *RUN,
+                               "--out", "par"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    serial = subprocess.run([sys.executable, "-m", "astkit", "run", *RUN, "--out", "ser"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert serial.returncode == 0, serial.stderr[-3000:]
+    assert parallel.stdout.count("accuracy") == serial.stdout.count("accuracy") > 0  # rank 0 alone prints
+    assert sorted(p.name for p in (tmp_path / "par").iterdir()) == sorted(p.name for p in (tmp_path / "ser").iterdir())
+    a = DistilledSet.load(tmp_path / "par" / "distilled.safetensors")
+    b = DistilledSet.load(tmp_path / "ser" / "distilled.safetensors")
+    assert a.iteration == b.iteration == 3
+    torch.testing.assert_close(a.images, b.images, rtol=1e-4, atol=1e-5)
+    assert abs(a.lr - b.lr) < 1e-6
+    finals = [json.loads(line) for line in (tmp_path / "par" / "metrics.jsonl").read_text().splitlines()]
+    serial_finals = [json.loads(line) for line in (tmp_path / "ser" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in finals] == [r["event"] for r in serial_finals]  # written once, by rank 0
+    par_acc = finals[-1]["architectures"]["convnet"]["accuracies"]
+    ser_acc = serial_finals[-1]["architectures"]["convnet"]["accuracies"]
+    assert len(par_acc) == 3 and max(abs(x - y) for x, y in zip(par_acc, ser_acc)) < 0.02
+
+
+def test_torchrun_distill_refuses_batch_norm_in_one_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    args = [*RUN, "--set", "model.norm=batchnorm", "--set", "experts.num_experts=2", "--set", "experts.epochs=1"]
+    result = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "astkit", "run", *args,
+                             "--out", "bn"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "error: distillation across processes needs a model without batch norm" in result.stderr
+    assert "astkit/" not in result.stderr  # no astkit traceback (torchrun's launcher prints its own)
+    assert not (tmp_path / "bn" / "experts").exists()  # refused before any expert was trained

@@ -92,6 +92,10 @@ def accuracy_lines(evaluation: Any, grid: Path | None = None) -> list[str]:
 
 
 def print_lines(lines: list[str]) -> None:
+    from astkit import distributed
+
+    if distributed.rank() != 0:  # under torchrun, rank 0 speaks for all
+        return
     for line in lines:
         sys.stdout.write(line + "\n")
     sys.stdout.flush()
@@ -141,7 +145,8 @@ def run(opts: StageOptions, resume: Annotated[bool, typer.Option(
                 progress.log(f"no checkpoint in {engine.out}; distilling from the start")
             distilled = engine.distill(experts, resume=checkpoint.is_file())
             evaluation = engine.evaluate(distilled)
-            MetricsLog(engine.out / "metrics.jsonl").write({"event": "final_evaluation", **evaluation.to_json()})
+            if engine.is_main:
+                MetricsLog(engine.out / "metrics.jsonl").write({"event": "final_evaluation", **evaluation.to_json()})
             result = RunResult(experts, distilled, evaluation, list(engine.history), engine.out)
     files = reporter.finish(result)
     print_lines(accuracy_lines(result.evaluation, files.get("grid")))
