@@ -77,3 +77,18 @@ def test_bad_config_is_rejected():
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "distill_speed.py"), "--configs", "10by20"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "IPCxSYN_STEPS" in proc.stderr
+
+
+def test_reproduce_fmnist_quick_runs_every_stage_and_resumes(tmp_path):
+    data = run_quick("reproduce_fmnist.py", tmp_path, "--work", str(tmp_path / "work"))
+    assert data["benchmark"] == "reproduce_fmnist" and data["missing"] == []
+    assert set(data["experts"]) == {"sgd", "momentum", "smooth", "penalty", "clipping"}
+    for summary in data["experts"].values():
+        assert all(_number(v) and v >= 0 for v in summary["avg_var"])
+    for name, run in data["distill"].items():
+        assert 0 <= run["final"]["mean"] <= 1, name
+        assert [it for it, _ in run["accuracy_vs_iteration"]] == [1, 2], name  # eval_every 1, final at 2
+    assert set(data["baselines"]) == {"random-ipc1", "kmeans-ipc1", "random-ipc10", "kmeans-ipc10"}
+    # a second call finds every stage done and trains nothing
+    again = run_quick("reproduce_fmnist.py", tmp_path, "--work", str(tmp_path / "work"))
+    assert again["distill"] == data["distill"] and again["baselines"] == data["baselines"]

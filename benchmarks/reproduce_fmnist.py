@@ -1,0 +1,298 @@
+"""AST's claims on real Fashion-MNIST, at a scale that fits a 2-core CPU.
+
+Regenerates the tables of docs/results.md (section "Reproduction on
+Fashion-MNIST") from scratch, in resumable stages:
+
+1. ``experts``: five expert sets trained on the full train set (Table VII):
+   SGD, SGD + momentum, and SGD + momentum with the smooth-experts plugin
+   (clipping + penalty, penalty alone, clipping alone).
+2. ``distill``: distillation runs, each from one expert set (every set is
+   trained once and reused): Table VII's five (MTT's distillation on each
+   set), Table VIII's cumulative ablation on smooth experts, and AST against
+   MTT at ipc 1. Every run evaluates itself every ``eval_every`` iterations
+   (accuracy against iterations, paper Fig. 6).
+3. ``baselines``: a random real subset and a K-Means real subset (the
+   representative-init images, no distillation) at ipc 1 and 10, evaluated
+   with the same protocol.
+4. ``report``: one JSON with every number and the protocol, and the Markdown
+   tables.
+
+Each stage skips what is already done and resumes what was cut (experts
+train only the missing files; a distillation continues from its checkpoint),
+so a stage can be stopped at any moment and run again.
+
+    python benchmarks/reproduce_fmnist.py                   # everything (a few hours on 2 cores)
+    python benchmarks/reproduce_fmnist.py --stage experts   # one stage
+    python benchmarks/reproduce_fmnist.py --only table7-sgd table7-momentum   # some runs of a stage
+    python benchmarks/reproduce_fmnist.py --stage report --json benchmarks/results/reproduce_fmnist.json
+    python benchmarks/reproduce_fmnist.py --quick           # digits, tiny: a smoke test of every stage
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+#: The CPU protocol (``--quick`` overrides it with QUICK). Written down in docs/results.md.
+PROTOCOL = {
+    "data": {"dataset": "fashion-mnist"},
+    "model": {"name": "convnet", "width": 32},
+    "experts": {"num_experts": 3, "epochs": 6, "lr": 0.01, "batch_size": 256, "weight_decay": 0.0},
+    "distill": {"ipc": 10, "iterations": 300, "syn_steps": 20, "expert_epochs": 2, "max_start_epoch": 4,
+                "lr_img": 100.0, "lr_lr": 1e-5, "lr_teacher": 0.01, "checkpoint_every": 25, "eval_every": 50},
+    "evaluate": {"epochs": 300, "num_nets": 3},
+}
+QUICK = {
+    "data": {"dataset": "digits"},
+    "model": {"name": "convnet", "width": 8},
+    "experts": {"num_experts": 1, "epochs": 2, "lr": 0.01, "batch_size": 256, "weight_decay": 0.0},
+    "distill": {"ipc": 2, "iterations": 2, "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2,
+                "lr_img": 10.0, "lr_lr": 1e-5, "lr_teacher": 0.01, "checkpoint_every": 1, "eval_every": 1},
+    "evaluate": {"epochs": 2, "num_nets": 2},
+}
+
+SMOOTH = "smooth-experts"
+#: Expert sets: plugins and overrides on top of the protocol (Table VII's rows).
+EXPERT_SETS = {
+    "sgd": {"plugins": [], "experts": {"momentum": 0.0}},
+    "momentum": {"plugins": [], "experts": {"momentum": 0.9}},
+    "smooth": {"plugins": [SMOOTH], "experts": {"momentum": 0.9}},
+    "penalty": {"plugins": [SMOOTH], "experts": {"momentum": 0.9}, "options": {SMOOTH: {"clipping": False}}},
+    "clipping": {"plugins": [SMOOTH], "experts": {"momentum": 0.9}, "options": {SMOOTH: {"penalty": False}}},
+}
+AST_STAGE2 = ["representative-init", "balanced-inner-loss", "intermediate-matching", "weight-perturbation"]
+#: Distillation runs: the expert set they use, their stage-2 plugins, overrides.
+RUNS = {
+    **{f"table7-{name}": {"experts": name, "plugins": []} for name in EXPERT_SETS},
+    **{f"table8-{i}-{AST_STAGE2[i - 1]}": {"experts": "smooth", "plugins": AST_STAGE2[:i]} for i in range(1, 5)},
+    "mtt-ipc1": {"experts": "sgd", "plugins": [], "distill": {"ipc": 1}},
+    "ast-ipc1": {"experts": "smooth", "plugins": AST_STAGE2, "distill": {"ipc": 1}},
+}
+#: Which run is which row of the AST-vs-MTT table (ipc 10 rows are shared with tables VII and VIII).
+AST_VS_MTT = {("mtt", 10): "table7-sgd", ("ast", 10): "table8-4-weight-perturbation",
+              ("mtt", 1): "mtt-ipc1", ("ast", 1): "ast-ipc1"}
+STAGES = ["experts", "distill", "baselines", "report"]
+
+
+def build_config(protocol: dict, out: Path, plugins: list[str], seed: int, sections: dict | None = None,
+                 options: dict | None = None):
+    from astkit import RunConfig
+
+    data = copy.deepcopy(protocol)
+    for key, values in (sections or {}).items():
+        data.setdefault(key, {}).update(values)
+    data.update(out=str(out), plugins=list(plugins), seed=seed, options=copy.deepcopy(options or {}))
+    return RunConfig.from_dict(data)
+
+
+def expert_config(protocol: dict, work: Path, name: str, seed: int):
+    spec = EXPERT_SETS[name]
+    return build_config(protocol, work / "experts" / name, spec["plugins"], seed,
+                        {"experts": spec["experts"]}, spec.get("options"))
+
+
+def run_config(protocol: dict, work: Path, name: str, seed: int):
+    spec = RUNS[name]
+    experts_dir = work / "experts" / spec["experts"] / "experts"
+    sections = {"experts": {"dir": str(experts_dir), **EXPERT_SETS[spec["experts"]]["experts"]},
+                "distill": spec.get("distill", {})}
+    return build_config(protocol, work / "runs" / name, spec["plugins"], seed, sections)
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def save_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------ stages
+def stage_experts(protocol: dict, work: Path, seed: int, only: list[str]) -> None:
+    from astkit import Engine
+
+    for name in only or list(EXPERT_SETS):
+        done = work / "experts" / name / "summary.json"
+        if done.is_file():
+            log(f"experts {name}: done")
+            continue
+        engine = Engine(expert_config(protocol, work, name, seed))
+        n = engine.config.experts.num_experts
+        missing = [i for i in range(n) if not (engine.experts_dir() / f"expert_{i:03d}.safetensors").is_file()]
+        log(f"experts {name}: training {len(missing)} of {n}")
+        t0 = time.perf_counter()
+        engine.train_experts(missing)
+        experts = engine.load_experts()
+        save_json(done, {
+            "set": name, "plugins": engine.config.plugins, "experts": EXPERT_SETS[name]["experts"],
+            "options": EXPERT_SETS[name].get("options", {}),
+            "avg_var": [t.avg_var for t in experts],
+            "test_accuracy": [t.test_accuracy[-1] for t in experts],
+            "test_accuracy_per_epoch": [t.test_accuracy for t in experts],
+            "seconds_this_session": time.perf_counter() - t0,
+        })
+        log(f"experts {name}: Avg_Var {_mean([t.avg_var for t in experts]):.4g}, "
+            f"test acc {_mean([t.test_accuracy[-1] for t in experts]):.4f}")
+
+
+def stage_distill(protocol: dict, work: Path, seed: int, only: list[str]) -> None:
+    from astkit import Engine
+
+    for name in only or list(RUNS):
+        done = work / "runs" / name / "summary.json"
+        if done.is_file():
+            log(f"distill {name}: done")
+            continue
+        engine = Engine(run_config(protocol, work, name, seed))
+        checkpoint = engine.out / "checkpoint.safetensors"
+        log(f"distill {name}: {'resuming' if checkpoint.is_file() else 'starting'} "
+            f"(plugins: {', '.join(engine.config.plugins) or 'none'})")
+        t0 = time.perf_counter()
+        distilled = engine.distill(engine.load_experts(), resume=checkpoint.is_file())
+        result = engine.evaluate(distilled)
+        curve = [json.loads(line) for line in (engine.out / "metrics.jsonl").read_text().splitlines()]
+        curve = [(r["iteration"], r["architectures"]["convnet"]["mean"]) for r in curve if r["event"] == "evaluation"]
+        save_json(done, {
+            "run": name, **RUNS[name], "ipc": engine.config.distill.ipc, "learned_lr": distilled.lr,
+            "final": result.to_json()["architectures"]["convnet"],
+            "accuracy_vs_iteration": curve + [(distilled.iteration, result["convnet"].mean)],
+            "seconds_this_session": time.perf_counter() - t0,
+        })
+        log(f"distill {name}: {result['convnet'].mean:.4f} ± {result['convnet'].std:.4f}")
+
+
+def stage_baselines(protocol: dict, work: Path, seed: int, only: list[str]) -> None:
+    import torch
+
+    from astkit import DistilledSet, Engine
+
+    done = work / "baselines.json"
+    results = json.loads(done.read_text()) if done.is_file() else {}
+    for ipc in (1, 10) if not only else [int(i) for i in only]:
+        for kind in ("random", "kmeans"):
+            key = f"{kind}-ipc{ipc}"
+            if key in results:
+                log(f"baseline {key}: done")
+                continue
+            plugins = ["representative-init"] if kind == "kmeans" else []
+            config = build_config(protocol, work / "baselines" / key, plugins, seed,
+                                  {"distill": {"ipc": ipc}, "experts": {"dir": str(work / "experts" / "smooth" / "experts")}})
+            engine = Engine(config)
+            if kind == "random":
+                subset = engine.real_subset(ipc)
+            else:
+                images, labels = engine.init_synthetic(engine.load_experts(), torch.Generator().manual_seed(seed))
+                subset = DistilledSet(images, labels, config.distill.lr_teacher, 0,
+                                      {**engine.metadata(), "origin": "K-Means real subset"})
+            result = engine.evaluate(subset)["convnet"]
+            results[key] = {"kind": kind, "ipc": ipc, "lr": subset.lr, **result.to_json()}
+            save_json(done, results)
+            log(f"baseline {key}: {result.mean:.4f} ± {result.std:.4f}")
+
+
+def stage_report(protocol: dict, work: Path, json_path: Path | None) -> dict:
+    def read(path: Path) -> dict | None:
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    experts = {n: read(work / "experts" / n / "summary.json") for n in EXPERT_SETS}
+    runs = {n: read(work / "runs" / n / "summary.json") for n in RUNS}
+    baselines = read(work / "baselines.json") or {}
+    report = {
+        "benchmark": "reproduce_fmnist", "protocol": protocol, "expert_sets": EXPERT_SETS, "runs": RUNS,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "environment": {"python": platform.python_version(), "platform": platform.platform()},
+        "experts": experts, "distill": runs, "baselines": baselines,
+        "missing": [f"experts/{n}" for n, v in experts.items() if v is None]
+                   + [f"runs/{n}" for n, v in runs.items() if v is None],
+    }
+    if json_path is not None:
+        save_json(json_path, report)
+    print(markdown(report))
+    return report
+
+
+# ------------------------------------------------------------------ tables
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _acc(run: dict | None) -> str:
+    if run is None:
+        return "not run"
+    final = run["final"] if "final" in run else run
+    return f"{100 * final['mean']:.2f} ± {100 * final['std']:.2f}"
+
+
+def markdown(report: dict) -> str:
+    experts, runs, baselines = report["experts"], report["distill"], report["baselines"]
+    lines = ["Table VII shape (ipc 10; experts' mean over the set, distilled mean ± std over the evaluation nets)", "",
+             "| experts | Avg_Var | expert test acc (%) | distilled acc (%) |", "|---|---|---|---|"]
+    labels = {"sgd": "SGD", "momentum": "SGD + momentum", "smooth": "SGD + momentum + penalty + clipping",
+              "penalty": "SGD + momentum + penalty", "clipping": "SGD + momentum + clipping"}
+    for name, label in labels.items():
+        e = experts.get(name)
+        avg_var = f"{_mean(e['avg_var']):.4g}" if e else "not run"
+        acc = f"{100 * _mean(e['test_accuracy']):.2f}" if e else "not run"
+        lines.append(f"| {label} | {avg_var} | {acc} | {_acc(runs.get(f'table7-{name}'))} |")
+    lines += ["", "Table VIII shape (smooth experts, ipc 10, cumulative)", "", "| stage-2 techniques | acc (%) |", "|---|---|",
+              f"| none (smooth experts only) | {_acc(runs.get('table7-smooth'))} |"]
+    for i, plugin in enumerate(AST_STAGE2, 1):
+        lines.append(f"| + {plugin} | {_acc(runs.get(f'table8-{i}-{plugin}'))} |")
+    lines += ["", "AST against MTT and real subsets (mean ± std over the evaluation nets)", "",
+              "| ipc | random real | K-Means real | MTT | AST |", "|---|---|---|---|---|"]
+    for ipc in (1, 10):
+        lines.append(f"| {ipc} | {_acc(baselines.get(f'random-ipc{ipc}'))} | {_acc(baselines.get(f'kmeans-ipc{ipc}'))} "
+                     f"| {_acc(runs.get(AST_VS_MTT[('mtt', ipc)]))} | {_acc(runs.get(AST_VS_MTT[('ast', ipc)]))} |")
+    full = [_mean(e["test_accuracy"]) for e in experts.values() if e]
+    if full:
+        lines.append(f"\nFull training set, same ConvNet (best expert set's mean final test accuracy): {100 * max(full):.2f} %")
+    lines += ["", "Accuracy against iterations (%, ipc 10)", ""]
+    for label, key in (("MTT", AST_VS_MTT[("mtt", 10)]), ("AST", AST_VS_MTT[("ast", 10)])):
+        run = runs.get(key)
+        points = ", ".join(f"{it}: {100 * acc:.2f}" for it, acc in run["accuracy_vs_iteration"]) if run else "not run"
+        lines.append(f"* {label}: {points}")
+    if report["missing"]:
+        lines += ["", f"Not run yet: {', '.join(report['missing'])}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=STAGES + ["all"], default="all")
+    parser.add_argument("--only", nargs="*", default=[], help="names within the stage (expert sets, runs, or ipcs)")
+    parser.add_argument("--work", type=Path, default=Path("runs/reproduce-fmnist"), help="where every stage writes")
+    parser.add_argument("--json", type=Path, default=None, help="write the report JSON here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (--quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="digits and tiny settings: a smoke test of every stage")
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads or args.quick:
+        torch.set_num_threads(args.threads or 1)
+    protocol = QUICK if args.quick else PROTOCOL
+    stages = STAGES if args.stage == "all" else [args.stage]
+    t0 = time.perf_counter()
+    for stage in stages:
+        if stage == "experts":
+            stage_experts(protocol, args.work, args.seed, args.only)
+        elif stage == "distill":
+            stage_distill(protocol, args.work, args.seed, args.only)
+        elif stage == "baselines":
+            stage_baselines(protocol, args.work, args.seed, args.only)
+        else:
+            stage_report(protocol, args.work, args.json)
+    log(f"done in {time.perf_counter() - t0:.0f} s; command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
