@@ -4,7 +4,7 @@ Trains experts, distils 10 images per class with all five AST techniques,
 evaluates the result on fresh ConvNets and compares it with a random real
 subset of the same size trained with the same protocol.
 
-    python examples/engine_api.py                 # about a minute on 2 CPU cores
+    python examples/engine_api.py                 # about 90 s on 2 CPU cores
     python examples/engine_api.py distill.ipc=1   # any config override
 """
 
