@@ -131,6 +131,7 @@ class RunConfig:
 
     seed: int = 0
     device: str = "cpu"
+    allocator: str = "system"
     out: str = "runs/astkit"
     plugins: list[str] = field(default_factory=list)
     disable: list[str] = field(default_factory=list)
@@ -263,6 +264,7 @@ class RunConfig:
             (v.batch_size >= 1, "evaluate.batch_size must be >= 1"),
             (v.lr is None or v.lr > 0, "evaluate.lr must be > 0 (or unset to use the learned lr)"),
             (self.augment.mode in ("single", "multiple"), "augment.mode must be 'single' or 'multiple'"),
+            (self.allocator in ("system", "retain"), f"allocator must be 'system' or 'retain', got {self.allocator!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
-from astkit import _defaults, distributed, store
+from astkit import _defaults, allocator, distributed, store
 from astkit.augment import DSA, build_augmentation
 from astkit.collectives import BatchShard
 from astkit.config import RunConfig
@@ -73,6 +73,7 @@ class Engine:
             )
         self._dataset = dataset
         self.device = resolve_device(self.config.device)
+        allocator.configure(self.config.allocator)
         distributed.init(self.device)
         if distributed.rank() != 0:  # only rank 0 shows progress
             self.progress = Progress()
