@@ -293,7 +293,8 @@ class Engine:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             store.atomic_write_text(self.out / "config.toml", self.config.to_toml())
-            log = MetricsLog(self.out / "metrics.jsonl", [m.to_json() for m in distiller.history])
+            log = MetricsLog(self.out / "metrics.jsonl", [m.to_json() for m in distiller.history],
+                             keep_evaluations=path is not None)
         else:
             log = MetricsLog(None)
         meta = self.metadata()
@@ -444,13 +445,38 @@ class Engine:
 
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per line, appended as a run goes
-    (``path=None``: a log that writes nothing, for ranks other than 0)."""
+    (``path=None``: a log that writes nothing, for ranks other than 0).
 
-    def __init__(self, path: Path | None, restart_from: list[dict] | None = None):
+    ``restart_from`` (the distiller's iteration history) rewrites the file
+    with those iterations, dropping records of iterations a resumed run
+    will redo; ``keep_evaluations`` keeps the file's evaluation records up
+    to the last of those iterations.
+    """
+
+    def __init__(self, path: Path | None, restart_from: list[dict] | None = None, *,
+                 keep_evaluations: bool = False):
         self.path = path
         if path is not None and restart_from is not None:
-            lines = "".join(json.dumps({"event": "iteration", **m}) + "\n" for m in restart_from)
-            store.atomic_write_text(path, lines)
+            done = len(restart_from)
+            evaluations = [r for r in self._records() if r.get("event") == "evaluation"
+                           and isinstance(r.get("iteration"), int) and r["iteration"] <= done] if keep_evaluations else []
+            records = [{"event": "iteration", **m} for m in restart_from] + evaluations
+            records.sort(key=lambda r: (r["iteration"] + (-0.5 if r["event"] == "evaluation" else 0)))
+            store.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+    def _records(self) -> list[dict]:
+        """The file's records that parse (a line cut by a kill is skipped)."""
+        if self.path is None or not self.path.is_file():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:

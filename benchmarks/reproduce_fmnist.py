@@ -47,6 +47,18 @@ PROTOCOL = {
                 "lr_img": 100.0, "lr_lr": 1e-5, "lr_teacher": 0.01, "checkpoint_every": 25, "eval_every": 50},
     "evaluate": {"epochs": 300, "num_nets": 3},
 }
+#: A larger protocol for one GPU (``--scale gpu``, used by benchmarks/gpu_fmnist.sh): the paper's
+#: width 128 and evaluation length, more iterations; only the runs of the AST-vs-MTT table.
+GPU = {
+    "data": {"dataset": "fashion-mnist"},
+    "model": {"name": "convnet", "width": 128},
+    "experts": {"num_experts": 4, "epochs": 12, "lr": 0.01, "batch_size": 256, "weight_decay": 0.0},
+    "distill": {"ipc": 10, "iterations": 500, "syn_steps": 20, "expert_epochs": 2, "max_start_epoch": 8,
+                "lr_img": 100.0, "lr_lr": 1e-5, "lr_teacher": 0.01, "checkpoint_every": 50, "eval_every": 100},
+    "evaluate": {"epochs": 1000, "num_nets": 3},
+}
+GPU_EXPERT_SETS = ["sgd", "smooth"]
+GPU_RUNS = ["table7-sgd", "table8-4-weight-perturbation", "mtt-ipc1", "ast-ipc1"]
 QUICK = {
     "data": {"dataset": "digits"},
     "model": {"name": "convnet", "width": 8},
@@ -83,10 +95,11 @@ def build_config(protocol: dict, out: Path, plugins: list[str], seed: int, secti
                  options: dict | None = None):
     from astkit import RunConfig
 
-    data = copy.deepcopy(protocol)
+    data = copy.deepcopy({k: v for k, v in protocol.items() if k != "defaults"})
     for key, values in (sections or {}).items():
         data.setdefault(key, {}).update(values)
-    data.update(out=str(out), plugins=list(plugins), seed=seed, options=copy.deepcopy(options or {}))
+    data.update(out=str(out), plugins=list(plugins), seed=seed, options=copy.deepcopy(options or {}),
+                **protocol.get("defaults", {}))
     return RunConfig.from_dict(data)
 
 
@@ -273,21 +286,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (--quick: 1)")
     parser.add_argument("--quick", action="store_true", help="digits and tiny settings: a smoke test of every stage")
+    parser.add_argument("--scale", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: width 128, longer runs, only the AST-vs-MTT runs (see GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (the config's device)")
     args = parser.parse_args(argv)
     import torch
 
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
-    protocol = QUICK if args.quick else PROTOCOL
+    protocol = copy.deepcopy(QUICK if args.quick else GPU if args.scale == "gpu" else PROTOCOL)
+    protocol["defaults"] = {"device": args.device}
     stages = STAGES if args.stage == "all" else [args.stage]
+    gpu_only = {"experts": GPU_EXPERT_SETS, "distill": GPU_RUNS} if args.scale == "gpu" and not args.quick else {}
     t0 = time.perf_counter()
     for stage in stages:
+        only = args.only or gpu_only.get(stage, [])
         if stage == "experts":
-            stage_experts(protocol, args.work, args.seed, args.only)
+            stage_experts(protocol, args.work, args.seed, only)
         elif stage == "distill":
-            stage_distill(protocol, args.work, args.seed, args.only)
+            stage_distill(protocol, args.work, args.seed, only)
         elif stage == "baselines":
-            stage_baselines(protocol, args.work, args.seed, args.only)
+            stage_baselines(protocol, args.work, args.seed, only)
         else:
             stage_report(protocol, args.work, args.json)
     log(f"done in {time.perf_counter() - t0:.0f} s; command: {' '.join([Path(sys.executable).name, *sys.argv])}")

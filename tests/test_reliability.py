@@ -80,6 +80,30 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_equals_uninterrupted(tmp_path, di
     assert torch.equal(full.images, resumed.images) and full.lr == resumed.lr
 
 
+class InterruptAt3:
+    astkit_plugin_name = "interrupt-at-3"
+
+    @hookimpl
+    def astkit_on_iteration_end(self, metrics):
+        if metrics.iteration == 2:
+            raise KeyboardInterrupt
+
+
+def test_resume_keeps_the_evaluations_made_before_the_checkpoint(tmp_path, digits, experts):
+    def config():
+        return tiny_config(tmp_path / "cut", "distill.iterations=6", "distill.checkpoint_every=2",
+                           "distill.eval_every=1", "evaluate.num_nets=1", "evaluate.epochs=2")
+
+    with pytest.raises(KeyboardInterrupt):
+        Engine(config(), dataset=digits, plugins=[InterruptAt3()]).distill(experts)
+    Engine(config(), dataset=digits).distill(experts, resume=True)
+    records = [json.loads(line) for line in (tmp_path / "cut" / "run" / "metrics.jsonl").read_text().splitlines()]
+    events = [(r["event"], r["iteration"]) for r in records]
+    # evaluation k is made after iteration k-1; the one at 3 was cut by Ctrl-C before it ran
+    assert events == [("iteration", 0), ("evaluation", 1), ("iteration", 1), ("evaluation", 2), ("iteration", 2),
+                      ("iteration", 3), ("evaluation", 4), ("iteration", 4), ("evaluation", 5), ("iteration", 5)]
+
+
 def test_full_disk_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "d.safetensors"
     store.save(path, "distilled", {"images": torch.zeros(1)}, {})
