@@ -258,8 +258,9 @@ class Engine:
                 "distillation across processes needs a model without batch norm (its statistics couple the "
                 "ranks' rows); set model.norm=instancenorm or run distill in one process"
             )
-        d, classes = self.config.distill, self.dataset.num_classes
-        batch = min(d.batch_syn or d.ipc * classes, d.ipc * classes)
+        d, n = self.config.distill, self.config.distill.ipc * self.dataset.num_classes
+        size = min(d.batch_syn or n, n)
+        batch = min(size, n % size or size)  # MTT's chunks: the last one may be smaller
         if batch < world:
             raise UserError(
                 f"distillation across {world} processes needs a synthetic mini-batch of at least {world} "

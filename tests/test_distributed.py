@@ -103,3 +103,23 @@ def test_torchrun_distill_refuses_batch_norm_in_one_line(tmp_path):
     assert "error: distillation across processes needs a model without batch norm" in result.stderr
     assert "astkit/" not in result.stderr  # no astkit traceback (torchrun's launcher prints its own)
     assert not (tmp_path / "bn" / "experts").exists()  # refused before any expert was trained
+
+
+def test_batch_shard_checks_the_smallest_mini_batch(monkeypatch, tmp_path):
+    """With 4 ranks, MTT's last chunk (10 images in chunks of 3: 3, 3, 3, 1) is too small to split."""
+    import pytest
+
+    from astkit import Engine, RunConfig
+    from astkit import distributed
+    from astkit.collectives import BatchShard
+    from astkit.errors import UserError
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    engine = Engine(RunConfig.load(overrides=["model.width=8", "distill.ipc=1", "distill.batch_syn=3",
+                                              f"out={tmp_path}"]))
+    module = engine.model_spec.build(engine.models)
+    with pytest.raises(UserError, match="at least 4 images, this run has 1"):
+        engine._batch_shard(module)
+    engine.config.distill.batch_syn = None
+    assert engine._batch_shard(module) == BatchShard(0, 4)
+    assert [BatchShard(r, 4).rows(10) for r in range(4)] == [slice(0, 3), slice(3, 6), slice(6, 8), slice(8, 10)]
