@@ -71,6 +71,9 @@ def worker_iteration(spec: dict) -> dict:
     import torch
 
     threads = common.set_threads(spec["threads"])
+    from astkit import allocator
+
+    allocator.configure(spec.get("allocator", "system"))
     from astkit.augment import DSA
     from astkit.functional import FlatModel
     from astkit.matching import MatchPoint, matching_loss, unroll
@@ -175,6 +178,9 @@ def worker_ceiling(spec: dict) -> dict:
     import torch.nn.functional as F
 
     threads = common.set_threads(spec["threads"])
+    from astkit import allocator
+
+    allocator.configure(spec.get("allocator", "system"))
     b, c, s = spec["batch"], spec["channels"], spec["size"]
     torch.manual_seed(0)
     x = torch.randn(b, c, s, s)
@@ -225,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ceiling-seconds", type=float, default=None, help="time budget of the ceiling loop (default 5; --quick: 0.5)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds after which a configuration is abandoned")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allocator", choices=["system", "retain"], default="system",
+                        help="astkit's allocator setting in each measured process (config key `allocator`)")
     parser.add_argument("--quick", action="store_true", help="width 16, tiny configurations, 2 iterations: a smoke test (seconds)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -255,14 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.ceiling:
         batch = 20 if args.quick else 100
         spec = {"kind": "ceiling", "batch": batch, "channels": width, "size": IMAGE_SIZE, "threads": args.threads,
-                "seconds": args.ceiling_seconds or (0.5 if args.quick else 5.0), "min_reps": 3}
+                "allocator": args.allocator, "seconds": args.ceiling_seconds or (0.5 if args.quick else 5.0), "min_reps": 3}
         print(f"ceiling: conv2d {batch}x{width}x{IMAGE_SIZE}x{IMAGE_SIZE} ...", file=sys.stderr)
         ceiling = common.run_child(SCRIPT, spec, args.timeout)
 
     results = []
     for c in configs:
         spec = {"kind": "iteration", **c, "width": width, "threads": args.threads, "warmup": args.warmup,
-                "iterations": iterations, "flops": args.flops, "seed": args.seed}
+                "iterations": iterations, "flops": args.flops, "seed": args.seed, "allocator": args.allocator}
         print(f"configuration {config_name(c)} (ipc {c['ipc']}, syn_steps {c['syn_steps']}, segment {c['segment']}, "
               f"width {width}) ...", file=sys.stderr)
         results.append(common.run_child(SCRIPT, spec, args.timeout))
@@ -287,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         ])
     print()
     print(f"Distillation iteration, ConvNet width {width} depth {DEPTH}, {CHANNELS}x{IMAGE_SIZE}x{IMAGE_SIZE} "
-          f"images, {NUM_CLASSES} classes, DSA default strategy; {threads} torch threads; "
+          f"images, {NUM_CLASSES} classes, DSA default strategy; {threads} torch threads; allocator {args.allocator}; "
           f"median of {iterations} timed iteration(s) after {args.warmup} warm-up")
     print(common.table(["config", "ipc", "syn", "segment", "s/iter", "min s", "peak GiB", "GFLOP/iter", "GFLOP/s",
                         "% ceil", "user s", "sys s"], rows))
@@ -312,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "settings": {"width": width, "depth": DEPTH, "channels": CHANNELS, "image_size": IMAGE_SIZE,
                      "num_classes": NUM_CLASSES, "iterations": iterations, "warmup": args.warmup,
-                     "threads": args.threads, "seed": args.seed, "augment": "DSA default strategy, mode single",
+                     "threads": args.threads, "seed": args.seed, "allocator": args.allocator, "augment": "DSA default strategy, mode single",
                      "flop_method": FLOP_METHOD if args.flops else None},
         "environment": common.environment(threads),
         "ceiling": ceiling,
