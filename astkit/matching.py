@@ -157,66 +157,98 @@ def unroll(
 
 
 class _RecomputedUnroll(torch.autograd.Function):
-    """The unroll with segment recomputation (exact gradients, bounded memory)."""
+    """The unroll with segment recomputation (exact gradients, bounded memory).
+
+    The forward pass keeps the student at every ``segment``-th step and
+    builds the graph of the last segment only; the backward pass uses that
+    graph, then recomputes the earlier segments one at a time, last first.
+    """
 
     @staticmethod
     def forward(ctx, images, lr, start, args, keep_steps, segment):
         forward, labels, plan, augment, inner_weight, momentum, shard = args
         theta, velocity = start.detach(), None
+        last = (len(plan) - 1) // segment * segment  # where the last segment starts
         boundaries, kept = {0: (theta, None)}, {}
         x, alpha = images.detach(), lr.detach()
         with torch.enable_grad():
-            for step, step_plan in enumerate(plan, 1):
+            for step in range(1, last + 1):
                 new, velocity = student_step(forward, theta.requires_grad_(True), velocity, x, labels, alpha,
-                                             step_plan, augment, inner_weight, momentum, create_graph=False,
+                                             plan[step - 1], augment, inner_weight, momentum, create_graph=False,
                                              shard=shard)
                 theta = new.detach()
                 velocity = velocity.detach() if velocity is not None else None
-                if step % segment == 0 and step < len(plan):
+                if step % segment == 0:
                     boundaries[step] = (theta, velocity)
                 if step in keep_steps:
                     kept[step] = theta
+            tail = _segment_graph(args, last, len(plan), theta, velocity, images, lr)
+        kept.update({step: theta.detach() for step, theta in tail.thetas.items() if step in keep_steps})
         ctx.save_for_backward(images, lr)
-        ctx.args, ctx.keep_steps, ctx.segment, ctx.boundaries = args, keep_steps, segment, boundaries
+        ctx.args, ctx.keep_steps, ctx.segment, ctx.boundaries, ctx.tail = args, keep_steps, segment, boundaries, tail
         return tuple(kept[k] for k in keep_steps)
 
     @staticmethod
     def backward(ctx, *grad_kept):
         images, lr = ctx.saved_tensors
-        forward, labels, plan, augment, inner_weight, momentum, shard = ctx.args
         direct = {k: g for k, g in zip(ctx.keep_steps, grad_kept) if g is not None}
         image_grad, lr_grad = torch.zeros_like(images), torch.zeros_like(lr)
         a_theta = a_velocity = None
         for s in sorted(ctx.boundaries, reverse=True):
-            e = min(s + ctx.segment, len(plan))
-            theta_s, velocity_s = ctx.boundaries[s]
+            if ctx.tail is not None and ctx.tail.start == s:
+                graph, ctx.tail = ctx.tail, None  # built by the forward pass; freed once used
+            else:
+                e = min(s + ctx.segment, len(ctx.args[2]))
+                with torch.enable_grad():
+                    graph = _segment_graph(ctx.args, s, e, *ctx.boundaries[s], images, lr)
             with torch.enable_grad():
-                theta0 = theta_s.detach().requires_grad_(True)
-                velocity0 = velocity_s.detach().requires_grad_(True) if velocity_s is not None else None
-                x = images.detach().requires_grad_(True)
-                alpha = lr.detach().requires_grad_(True)
-                theta, velocity, total = theta0, velocity0, None
-                for step in range(s + 1, e + 1):
-                    theta, velocity = student_step(forward, theta, velocity, x, labels, alpha, plan[step - 1],
-                                                   augment, inner_weight, momentum, create_graph=True,
-                                                   shard=shard)
+                total = None
+                for step, theta in graph.thetas.items():
                     if step in direct:
                         total = _add(total, (direct[step] * theta).sum())
                 if a_theta is not None:
-                    total = _add(total, (a_theta * theta).sum())
-                if a_velocity is not None and velocity is not None:
-                    total = _add(total, (a_velocity * velocity).sum())
+                    total = _add(total, (a_theta * graph.theta).sum())
+                if a_velocity is not None and graph.velocity is not None:
+                    total = _add(total, (a_velocity * graph.velocity).sum())
                 if total is None:
                     continue
-                inputs = [theta0, x, alpha] + ([velocity0] if velocity0 is not None else [])
+                inputs = [graph.theta0, graph.x, graph.alpha] + ([graph.velocity0] if graph.velocity0 is not None else [])
                 grads = torch.autograd.grad(total, inputs, allow_unused=True)
             a_theta = grads[0]
             if grads[1] is not None:
                 image_grad += grads[1]
             if grads[2] is not None:
                 lr_grad += grads[2]
-            a_velocity = grads[3] if velocity0 is not None else None
+            a_velocity = grads[3] if graph.velocity0 is not None else None
         return image_grad, lr_grad, None, None, None, None
+
+
+@dataclass
+class _SegmentGraph:
+    """Steps ``start+1..end`` of the unroll as a graph from fresh leaves."""
+
+    start: int
+    theta0: torch.Tensor
+    velocity0: Optional[torch.Tensor]
+    x: torch.Tensor
+    alpha: torch.Tensor
+    thetas: dict[int, torch.Tensor]
+    theta: torch.Tensor
+    velocity: Optional[torch.Tensor]
+
+
+def _segment_graph(args, start, end, theta_s, velocity_s, images, lr) -> _SegmentGraph:
+    """Run steps ``start+1..end`` from detached copies, keeping the graph (call under enable_grad)."""
+    forward, labels, plan, augment, inner_weight, momentum, shard = args
+    theta0 = theta_s.detach().requires_grad_(True)
+    velocity0 = velocity_s.detach().requires_grad_(True) if velocity_s is not None else None
+    x, alpha = images.detach().requires_grad_(True), lr.detach().requires_grad_(True)
+    theta, velocity, thetas = theta0, velocity0, {}
+    for step in range(start + 1, end + 1):
+        theta, velocity = student_step(forward, theta, velocity, x, labels, alpha, plan[step - 1], augment,
+                                       inner_weight, momentum, create_graph=True, shard=shard)
+        thetas[step] = theta
+    return _SegmentGraph(start, theta0, velocity0, x, alpha, thetas, theta, velocity)
 
 
 def _add(total, term):

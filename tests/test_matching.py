@@ -122,7 +122,7 @@ def test_segment_recomputation_gives_the_full_graph_gradients():
     from astkit.augment import DSA
 
     flat, start, targets, images, labels = tiny_problem()
-    schedule = [MatchPoint(2, 1, 0.7), MatchPoint(7, 2, 1.0)]
+    schedule = [MatchPoint(2, 1, 0.7), MatchPoint(6, 1, 0.4), MatchPoint(7, 2, 1.0)]  # 6, 7: in the last segment
     augment = DSA("color_crop_flip_scale")
     results = []
     for segment in (0, 1, 3, 4):
@@ -131,7 +131,7 @@ def test_segment_recomputation_gives_the_full_graph_gradients():
             lr = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
             student = unroll(flat, start.clone().requires_grad_(True), x, labels, lr, 7, inner_weight=0.8,
                              augment=augment, batch_syn=4, generator=torch.Generator().manual_seed(5),
-                             momentum=momentum, keep={2, 7}, segment=segment)
+                             momentum=momentum, keep={2, 6, 7}, segment=segment)
             loss = matching_loss(student, start, targets, schedule)[0]
             gx, glr = torch.autograd.grad(loss, (x, lr))
             results.append((segment, momentum, loss.detach(), gx, glr))
