@@ -127,10 +127,10 @@ def unroll(
     and updates ``theta <- theta - lr * b`` with ``b = grad`` (or the
     heavy-ball ``b = momentum * b + grad`` when ``momentum > 0``).
 
-    ``segment = k > 0`` keeps only every k-th student in memory and
-    recomputes each segment during the backward pass: the same gradients,
-    with memory that no longer grows with ``syn_steps`` (about one more
-    forward pass of time).
+    ``segment = k > 0`` keeps only every k-th student in memory and the
+    graph of the last segment, and recomputes the earlier segments during
+    the backward pass: the same gradients, with memory that no longer grows
+    with ``syn_steps``, for one more first-order step per recomputed step.
 
     ``shard`` (a :class:`~astkit.collectives.BatchShard`, under torchrun)
     splits every step's mini-batch across the ranks. Every rank must call
