@@ -74,7 +74,7 @@ def test_torchrun_run_splits_distillation_and_evaluation(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     parallel = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "astkit", "run", *RUN,
                                "--out", "par"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert parallel.returncode == 0, f"stdout:\n{parallel.stdout[-3000:]}\nstderr:\n{parallel.stderr[-6000:]}"
     serial = subprocess.run([sys.executable, "-m", "astkit", "run", *RUN, "--out", "ser"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert serial.returncode == 0, serial.stderr[-3000:]
