@@ -58,3 +58,10 @@ def gather_floats(values: list[float], mine: list[int]) -> list[float]:
         own[i] = values[i]
     dist.all_reduce(own)
     return own.tolist()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """Under torchrun, a bare ``cuda`` means this process's GPU: ``cuda:LOCAL_RANK``."""
+    if device.type == "cuda" and device.index is None and launched():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device

@@ -72,7 +72,9 @@ class Engine:
                 f"unknown dataset {self.config.data.dataset!r}; known datasets: {', '.join(sorted(self.datasets))}"
             )
         self._dataset = dataset
-        self.device = resolve_device(self.config.device)
+        self.device = distributed.local_device(resolve_device(self.config.device))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL uses the current device
         allocator.configure(self.config.allocator)
         distributed.init(self.device)
         if distributed.rank() != 0:  # only rank 0 shows progress

@@ -123,3 +123,15 @@ def test_batch_shard_checks_the_smallest_mini_batch(monkeypatch, tmp_path):
     engine.config.distill.batch_syn = None
     assert engine._batch_shard(module) == BatchShard(0, 4)
     assert [BatchShard(r, 4).rows(10) for r in range(4)] == [slice(0, 3), slice(3, 6), slice(6, 8), slice(8, 10)]
+
+
+def test_a_bare_cuda_device_means_the_local_rank_gpu_under_torchrun(monkeypatch):
+    from astkit import distributed
+
+    cuda = torch.device("cuda")
+    assert distributed.local_device(cuda) == cuda  # one process: left to torch
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.local_device(cuda) == torch.device("cuda", 3)
+    assert distributed.local_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # explicit index kept
+    assert distributed.local_device(torch.device("cpu")) == torch.device("cpu")
