@@ -51,6 +51,7 @@ def _engine(spec: dict, out: str, extra: list[str], plugins: list[str]):
 
     overrides = [
         f"seed={spec['seed']}",
+        f"allocator={spec.get('allocator', 'system')}",
         f"data.dataset={spec['dataset']}",
         f"out={out}",
         "device=cpu",
@@ -212,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--penalty-fraction", type=float, default=0.25, help="for the smooth-fraction mode (default 0.25)")
     parser.add_argument("--eval-epochs", type=int, default=None, help="epochs of the evaluated network (default 1000; --quick: 20)")
     parser.add_argument("--eval-ipc", type=int, default=10, help="images per class of the evaluated set (default 10: 100 images)")
+    parser.add_argument("--allocator", choices=["system", "retain"], default="system",
+                        help="astkit's allocator setting (config key `allocator`) in each measured process")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's default; --quick: 1)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds after which a mode is abandoned")
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"mode": mode, "dataset": dataset, "data_root": args.data_root, "subset": args.subset,
                 "test_subset": args.test_subset, "width": width, "epochs": args.epochs, "variant": args.variant,
                 "penalty_fraction": args.penalty_fraction, "eval_epochs": eval_epochs, "eval_ipc": args.eval_ipc,
-                "threads": args.threads, "seed": args.seed}
+                "threads": args.threads, "seed": args.seed, "allocator": args.allocator}
         print(f"mode {mode} on {dataset} ...", file=sys.stderr)
         r = common.run_child(SCRIPT, spec, args.timeout)
         if r.get("ok"):
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"dataset": dataset, "subset": args.subset, "test_subset": args.test_subset, "width": width,
                      "epochs": args.epochs, "variant": args.variant, "penalty_fraction": args.penalty_fraction,
                      "eval_epochs": eval_epochs, "eval_ipc": args.eval_ipc, "threads": args.threads,
-                     "seed": args.seed},
+                     "seed": args.seed, "allocator": args.allocator},
         "environment": common.environment(threads),
         "results": results,
     }
