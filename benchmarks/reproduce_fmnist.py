@@ -190,10 +190,15 @@ def stage_baselines(protocol: dict, work: Path, seed: int, only: list[str]) -> N
     done = work / "baselines.json"
     results = json.loads(done.read_text()) if done.is_file() else {}
     for ipc in (1, 10) if not only else [int(i) for i in only]:
-        for kind in ("random", "kmeans"):
+        ast = work / "runs" / AST_VS_MTT[("ast", ipc)] / "summary.json"
+        learned = json.loads(ast.read_text())["learned_lr"] if ast.is_file() else None
+        for kind in ("random", "kmeans", "random-ast-lr"):
             key = f"{kind}-ipc{ipc}"
             if key in results:
                 log(f"baseline {key}: done")
+                continue
+            if kind == "random-ast-lr" and learned is None:
+                log(f"baseline {key}: skipped until the AST run at ipc {ipc} exists")
                 continue
             plugins = ["representative-init"] if kind == "kmeans" else []
             config = build_config(protocol, work / "baselines" / key, plugins, seed,
@@ -201,6 +206,8 @@ def stage_baselines(protocol: dict, work: Path, seed: int, only: list[str]) -> N
             engine = Engine(config)
             if kind == "random":
                 subset = engine.real_subset(ipc)
+            elif kind == "random-ast-lr":  # the same images, given the lr AST learned: a baseline at its best
+                subset = engine.real_subset(ipc, lr=learned)
             else:
                 images, labels = engine.init_synthetic(engine.load_experts(), torch.Generator().manual_seed(seed))
                 subset = DistilledSet(images, labels, config.distill.lr_teacher, 0,
@@ -260,9 +267,10 @@ def markdown(report: dict) -> str:
     for i, plugin in enumerate(AST_STAGE2, 1):
         lines.append(f"| + {plugin} | {_acc(runs.get(f'table8-{i}-{plugin}'))} |")
     lines += ["", "AST against MTT and real subsets (mean ± std over the evaluation nets)", "",
-              "| ipc | random real | K-Means real | MTT | AST |", "|---|---|---|---|---|"]
+              "| ipc | random real | random real, AST's lr | K-Means real | MTT | AST |", "|---|---|---|---|---|---|"]
     for ipc in (1, 10):
-        lines.append(f"| {ipc} | {_acc(baselines.get(f'random-ipc{ipc}'))} | {_acc(baselines.get(f'kmeans-ipc{ipc}'))} "
+        lines.append(f"| {ipc} | {_acc(baselines.get(f'random-ipc{ipc}'))} | {_acc(baselines.get(f'random-ast-lr-ipc{ipc}'))} "
+                     f"| {_acc(baselines.get(f'kmeans-ipc{ipc}'))} "
                      f"| {_acc(runs.get(AST_VS_MTT[('mtt', ipc)]))} | {_acc(runs.get(AST_VS_MTT[('ast', ipc)]))} |")
     full = [_mean(e["test_accuracy"]) for e in experts.values() if e]
     if full:
