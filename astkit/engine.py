@@ -337,11 +337,10 @@ class Engine:
         finally:
             self.progress.stop("distill")
         distilled = distiller.distilled(meta, self._zca())
-        if main:
-            path = distilled.save(self.out / "distilled.safetensors")
+        saved = distilled.save(self.out / "distilled.safetensors") if main else None
         self._checkpoint(distiller, meta)
         if main:
-            self.hooks.astkit_on_checkpoint_written(path=str(path), iteration=distilled.iteration, config=self.config)
+            self.hooks.astkit_on_checkpoint_written(path=str(saved), iteration=distilled.iteration, config=self.config)
         distributed.barrier()  # the files exist before any rank goes on
         self.history = distiller.history
         return distilled
@@ -397,8 +396,8 @@ class Engine:
                     maxima[net] = best
                 self.progress.advance("evaluate", acc=final)
             self.progress.stop("evaluate")
-            finals, maxima = distributed.gather_floats(finals, mine), distributed.gather_floats(maxima, mine)
-            results[name] = ArchitectureResult(name, finals, maxima if v.report_max else [])
+            maxima = distributed.gather_floats(maxima, mine) if v.report_max else []
+            results[name] = ArchitectureResult(name, distributed.gather_floats(finals, mine), maxima)
         result = EvaluationResult(results, lr, v.epochs)
         if self.is_main:
             self.hooks.astkit_on_evaluation_done(result=result, iteration=iteration, config=self.config)

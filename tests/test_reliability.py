@@ -59,11 +59,16 @@ def test_repeated_divergence_stops_cleanly_with_the_last_good_set(tmp_path, digi
 
 
 class Interrupt:
+    """Ctrl-C at the end of iteration ``at``."""
+
     astkit_plugin_name = "interrupt"
+
+    def __init__(self, at: int = 1):
+        self.at = at
 
     @hookimpl
     def astkit_on_iteration_end(self, metrics):
-        if metrics.iteration == 1:
+        if metrics.iteration == self.at:
             raise KeyboardInterrupt
 
 
@@ -80,22 +85,13 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_equals_uninterrupted(tmp_path, di
     assert torch.equal(full.images, resumed.images) and full.lr == resumed.lr
 
 
-class InterruptAt3:
-    astkit_plugin_name = "interrupt-at-3"
-
-    @hookimpl
-    def astkit_on_iteration_end(self, metrics):
-        if metrics.iteration == 2:
-            raise KeyboardInterrupt
-
-
 def test_resume_keeps_the_evaluations_made_before_the_checkpoint(tmp_path, digits, experts):
     def config():
         return tiny_config(tmp_path / "cut", "distill.iterations=6", "distill.checkpoint_every=2",
                            "distill.eval_every=1", "evaluate.num_nets=1", "evaluate.epochs=2")
 
     with pytest.raises(KeyboardInterrupt):
-        Engine(config(), dataset=digits, plugins=[InterruptAt3()]).distill(experts)
+        Engine(config(), dataset=digits, plugins=[Interrupt(at=2)]).distill(experts)
     Engine(config(), dataset=digits).distill(experts, resume=True)
     records = [json.loads(line) for line in (tmp_path / "cut" / "run" / "metrics.jsonl").read_text().splitlines()]
     events = [(r["event"], r["iteration"]) for r in records]
