@@ -82,7 +82,8 @@ def test_bad_config_is_rejected():
 def test_reproduce_fmnist_quick_runs_every_stage_and_resumes(tmp_path):
     data = run_quick("reproduce_fmnist.py", tmp_path, "--work", str(tmp_path / "work"))
     assert data["benchmark"] == "reproduce_fmnist" and data["missing"] == []
-    assert set(data["experts"]) == {"sgd", "momentum", "smooth", "penalty", "clipping"}
+    assert set(data["experts"]) == {"sgd", "momentum", "smooth", "penalty", "clipping", "smooth-subsampled"}
+    assert data["experts"]["smooth-subsampled"]["options"] == {"smooth-experts": {"penalty_fraction": 0.25}}
     for summary in data["experts"].values():
         assert all(_number(v) and v >= 0 for v in summary["avg_var"])
     for name, run in data["distill"].items():
