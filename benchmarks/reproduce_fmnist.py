@@ -228,6 +228,11 @@ def stage_report(protocol: dict, work: Path, json_path: Path | None) -> dict:
 
     experts = {n: read(work / "experts" / n / "summary.json") for n in EXPERT_SETS}
     runs = {n: read(work / "runs" / n / "summary.json") for n in RUNS}
+    for name, run in runs.items():
+        if run is not None and "image_grad_norm" not in run:
+            spikes = image_grad_norms(work / "runs" / name / "metrics.jsonl")
+            if spikes:
+                run["image_grad_norm"] = spikes
     baselines = read(work / "baselines.json") or {}
     report = {
         "benchmark": "reproduce_fmnist", "protocol": protocol, "expert_sets": EXPERT_SETS, "runs": RUNS,
@@ -241,6 +246,20 @@ def stage_report(protocol: dict, work: Path, json_path: Path | None) -> dict:
         save_json(json_path, report)
     print(markdown(report))
     return report
+
+
+def image_grad_norms(metrics: Path) -> dict | None:
+    """The median and the largest norm of the image gradient over a run, from its metrics.jsonl."""
+    if not metrics.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = [r for r in rows if r["event"] == "iteration"]
+    if not rows:
+        return None
+    norms = sorted(r["grad_norm"] for r in rows)
+    top = max(rows, key=lambda r: r["grad_norm"])
+    return {"median": norms[len(norms) // 2], "max": top["grad_norm"], "max_iteration": top["iteration"],
+            "max_start_epoch": top["start_epoch"], "iterations": len(rows)}
 
 
 # ------------------------------------------------------------------ tables
@@ -288,6 +307,12 @@ def markdown(report: dict) -> str:
         run = runs.get(key)
         points = ", ".join(f"{it}: {100 * acc:.2f}" for it, acc in run["accuracy_vs_iteration"]) if run else "not run"
         lines.append(f"* {label}: {points}")
+    spikes = [(name, run["image_grad_norm"]) for name, run in runs.items() if run and run.get("image_grad_norm")]
+    if spikes:
+        lines += ["", "Image-gradient norm per iteration (from each run's metrics.jsonl, where this work dir has it)", "",
+                  "| run | median | largest | at iteration | its start epoch |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {g['median']:.3g} | {g['max']:.3g} | {g['max_iteration']} | {g['max_start_epoch']} |"
+                  for name, g in spikes]
     if report["missing"]:
         lines += ["", f"Not run yet: {', '.join(report['missing'])}"]
     return "\n".join(lines)

@@ -89,6 +89,8 @@ def test_reproduce_fmnist_quick_runs_every_stage_and_resumes(tmp_path):
     for name, run in data["distill"].items():
         assert 0 <= run["final"]["mean"] <= 1, name
         assert [it for it, _ in run["accuracy_vs_iteration"]] == [1, 2], name  # eval_every 1, final at 2
+        g = run["image_grad_norm"]
+        assert g["iterations"] == 2 and 0 <= g["median"] <= g["max"] and g["max_iteration"] in (0, 1), name
     assert set(data["baselines"]) == {f"{kind}-ipc{ipc}" for kind in ("random", "kmeans", "random-ast-lr") for ipc in (1, 10)}
     # a second call finds every stage done and trains nothing
     again = run_quick("reproduce_fmnist.py", tmp_path, "--work", str(tmp_path / "work"))
