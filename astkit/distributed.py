@@ -10,6 +10,7 @@ writes its files.
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -25,6 +26,18 @@ def init(device: torch.device) -> None:
     """Join the process group once (gloo on CPU, NCCL on CUDA)."""
     if launched() and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(leave)
+
+
+def leave() -> None:
+    """Leave the process group (registered at exit by :func:`init`).
+
+    A gloo group still alive while the interpreter shuts down can abort the
+    process ("terminate called without an active exception"); destroying it
+    while Python is fully alive avoids that.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:

@@ -135,3 +135,27 @@ def test_a_bare_cuda_device_means_the_local_rank_gpu_under_torchrun(monkeypatch)
     assert distributed.local_device(cuda) == torch.device("cuda", 3)
     assert distributed.local_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # explicit index kept
     assert distributed.local_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_init_registers_leaving_the_group_at_exit(monkeypatch, tmp_path):
+    """A live gloo group at interpreter shutdown can abort a rank; init arranges to destroy it first."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from astkit import distributed
+
+    registered = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: registered.append(backend))
+    distributed.init(torch.device("cpu"))
+    assert registered == ["gloo", distributed.leave]
+    monkeypatch.undo()
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    assert distributed.world_size() == 1
+    distributed.leave()
+    assert not dist.is_initialized()
+    distributed.leave()  # twice is harmless
