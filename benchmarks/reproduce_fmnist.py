@@ -9,8 +9,8 @@ Fashion-MNIST") from scratch, in resumable stages:
    penalty estimated on a quarter of each batch).
 2. ``distill``: distillation runs, each from one expert set (every set is
    trained once and reused): Table VII's six (MTT's distillation on each
-   set), Table VIII's cumulative ablation on smooth experts, and AST against
-   MTT at ipc 1. Every run evaluates itself every ``eval_every`` iterations
+   set), Table VIII's cumulative ablation on smooth experts, AST against
+   MTT at ipc 1, and both methods again at a smaller image learning rate. Every run evaluates itself every ``eval_every`` iterations
    (accuracy against iterations, paper Fig. 6).
 3. ``baselines``: a random real subset and a K-Means real subset (the
    representative-init images, no distillation) at ipc 1 and 10, evaluated
@@ -26,6 +26,7 @@ so a stage can be stopped at any moment and run again.
     python benchmarks/reproduce_fmnist.py --stage experts   # one stage
     python benchmarks/reproduce_fmnist.py --only table7-sgd table7-momentum   # some runs of a stage
     python benchmarks/reproduce_fmnist.py --stage report --json benchmarks/results/reproduce_fmnist.json
+    python benchmarks/reproduce_fmnist.py --stage report --json new.json --previous benchmarks/results/reproduce_fmnist.json
     python benchmarks/reproduce_fmnist.py --quick           # digits, tiny: a smoke test of every stage
 """
 
@@ -81,6 +82,8 @@ EXPERT_SETS = {
     "smooth-subsampled": {"plugins": [SMOOTH], "experts": {"momentum": 0.9},
                           "options": {SMOOTH: {"penalty_fraction": 0.25}}},
 }
+#: The second image learning rate both MTT and AST are run at (ipc 10), beside the protocol's.
+LR_IMG_LOW = 30.0
 AST_STAGE2 = ["representative-init", "balanced-inner-loss", "intermediate-matching", "weight-perturbation"]
 #: Distillation runs: the expert set they use, their stage-2 plugins, overrides.
 RUNS = {
@@ -88,6 +91,9 @@ RUNS = {
     **{f"table8-{i}-{AST_STAGE2[i - 1]}": {"experts": "smooth", "plugins": AST_STAGE2[:i]} for i in range(1, 5)},
     "mtt-ipc1": {"experts": "sgd", "plugins": [], "distill": {"ipc": 1}},
     "ast-ipc1": {"experts": "smooth", "plugins": AST_STAGE2, "distill": {"ipc": 1}},
+    # Both methods again at a smaller image learning rate, tuned alike: is AST's deficit the shared lr_img?
+    **{f"lr-img-{LR_IMG_LOW:g}-{method}": {"experts": experts, "plugins": plugins, "distill": {"lr_img": LR_IMG_LOW}}
+       for method, experts, plugins in (("mtt", "sgd", []), ("ast", "smooth", AST_STAGE2))},
 }
 #: Which run is which row of the AST-vs-MTT table (ipc 10 rows are shared with tables VII and VIII).
 AST_VS_MTT = {("mtt", 10): "table7-sgd", ("ast", 10): "table8-4-weight-perturbation",
@@ -222,7 +228,8 @@ def stage_baselines(protocol: dict, work: Path, seed: int, only: list[str]) -> N
             log(f"baseline {key}: {result.mean:.4f} ± {result.std:.4f}")
 
 
-def stage_report(protocol: dict, work: Path, json_path: Path | None) -> dict:
+def stage_report(protocol: dict, work: Path, json_path: Path | None, previous: Path | None = None) -> dict:
+    """Gather every stage's results; with ``previous``, an earlier report fills what this work dir lacks."""
     def read(path: Path) -> dict | None:
         return json.loads(path.read_text()) if path.is_file() else None
 
@@ -234,11 +241,21 @@ def stage_report(protocol: dict, work: Path, json_path: Path | None) -> dict:
             if spikes:
                 run["image_grad_norm"] = spikes
     baselines = read(work / "baselines.json") or {}
+    carried = []
+    if previous is not None:
+        earlier = json.loads(previous.read_text())
+        if earlier["protocol"] != protocol:
+            raise SystemExit(f"--previous {previous}: its protocol differs from this one; not merging")
+        for section, mine in (("experts", experts), ("distill", runs), ("baselines", baselines)):
+            for name, value in earlier[section].items():
+                if mine.get(name) is None and value is not None and (section == "baselines" or name in mine):
+                    mine[name] = value
+                    carried.append(f"{section}/{name}")
     report = {
         "benchmark": "reproduce_fmnist", "protocol": protocol, "expert_sets": EXPERT_SETS, "runs": RUNS,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "environment": {"python": platform.python_version(), "platform": platform.platform()},
-        "experts": experts, "distill": runs, "baselines": baselines,
+        "experts": experts, "distill": runs, "baselines": baselines, "carried_from_previous": carried,
         "missing": [f"experts/{n}" for n, v in experts.items() if v is None]
                    + [f"runs/{n}" for n, v in runs.items() if v is None],
     }
@@ -313,6 +330,16 @@ def markdown(report: dict) -> str:
                   "| run | median | largest | at iteration | its start epoch |", "|---|---|---|---|---|"]
         lines += [f"| {name} | {g['median']:.3g} | {g['max']:.3g} | {g['max_iteration']} | {g['max_start_epoch']} |"
                   for name, g in spikes]
+    low = f"lr-img-{LR_IMG_LOW:g}"
+    lines += ["", f"Image learning rate, both methods alike (ipc 10; largest image-gradient norm over the run in brackets)",
+              "", f"| method | lr_img {report['protocol']['distill']['lr_img']:g} | lr_img {LR_IMG_LOW:g} |", "|---|---|---|"]
+    for method in ("mtt", "ast"):
+        cells = []
+        for key in (AST_VS_MTT[(method, 10)], f"{low}-{method}"):
+            run = runs.get(key)
+            spike = f" ({run['image_grad_norm']['max']:.3g})" if run and run.get("image_grad_norm") else ""
+            cells.append(_acc(run) + spike)
+        lines.append(f"| {method.upper()} | {' | '.join(cells)} |")
     if report["missing"]:
         lines += ["", f"Not run yet: {', '.join(report['missing'])}"]
     return "\n".join(lines)
@@ -324,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=[], help="names within the stage (expert sets, runs, or ipcs)")
     parser.add_argument("--work", type=Path, default=Path("runs/reproduce-fmnist"), help="where every stage writes")
     parser.add_argument("--json", type=Path, default=None, help="write the report JSON here")
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="report stage: an earlier report JSON of the same protocol fills what --work lacks")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (--quick: 1)")
     parser.add_argument("--quick", action="store_true", help="digits and tiny settings: a smoke test of every stage")
@@ -349,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         elif stage == "baselines":
             stage_baselines(protocol, args.work, args.seed, only)
         else:
-            stage_report(protocol, args.work, args.json)
+            stage_report(protocol, args.work, args.json, args.previous)
     log(f"done in {time.perf_counter() - t0:.0f} s; command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     return 0
 

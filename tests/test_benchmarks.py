@@ -95,3 +95,25 @@ def test_reproduce_fmnist_quick_runs_every_stage_and_resumes(tmp_path):
     # a second call finds every stage done and trains nothing
     again = run_quick("reproduce_fmnist.py", tmp_path, "--work", str(tmp_path / "work"))
     assert again["distill"] == data["distill"] and again["baselines"] == data["baselines"]
+    assert data["distill"]["lr-img-30-ast"]["distill"] == {"lr_img": 30.0}
+    assert data["distill"]["lr-img-30-mtt"]["plugins"] == [] and data["distill"]["lr-img-30-ast"]["plugins"]
+
+
+def test_reproduce_fmnist_report_carries_an_earlier_report_into_an_empty_work_dir(tmp_path):
+    earlier = tmp_path / "earlier.json"
+    experts = subprocess.run([sys.executable, str(BENCHMARKS / "reproduce_fmnist.py"), "--quick", "--stage", "experts",
+                              "--only", "sgd", "--work", str(tmp_path / "a")], cwd=ROOT, capture_output=True, text=True,
+                             timeout=240)
+    assert experts.returncode == 0, experts.stderr
+    first = run_quick("reproduce_fmnist.py", tmp_path, "--stage", "report", "--work", str(tmp_path / "a"))
+    assert first["experts"]["sgd"] is not None and "runs/table7-sgd" in first["missing"]
+    earlier.write_text(json.dumps(first))
+    merged = run_quick("reproduce_fmnist.py", tmp_path, "--stage", "report", "--work", str(tmp_path / "empty"),
+                       "--previous", str(earlier))
+    assert merged["experts"]["sgd"] == first["experts"]["sgd"] and merged["carried_from_previous"] == ["experts/sgd"]
+    assert merged["missing"] == first["missing"]
+    earlier.write_text(json.dumps({**first, "protocol": {**first["protocol"], "model": {"name": "convnet", "width": 9}}}))
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "reproduce_fmnist.py"), "--quick", "--stage", "report",
+                           "--work", str(tmp_path / "empty"), "--previous", str(earlier)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "protocol differs" in proc.stderr and "Traceback" not in proc.stderr
