@@ -93,6 +93,7 @@ class DistillConfig:
     recompute_segment: int = 0
     divergence_lr_factor: float = 0.5
     max_divergences: int = 5
+    clip_image_grad: float | None = None
     augment: bool = True
     eval_every: int = 0
     checkpoint_every: int = 100
@@ -251,6 +252,7 @@ class RunConfig:
             (0 <= d.student_momentum < 1, "distill.student_momentum must be in [0, 1)"),
             (0 < d.divergence_lr_factor <= 1, "distill.divergence_lr_factor must be in (0, 1]"),
             (d.max_divergences >= 1, "distill.max_divergences must be >= 1"),
+            (d.clip_image_grad is None or d.clip_image_grad > 0, "distill.clip_image_grad must be > 0 (or unset for no clipping)"),
             (d.recompute_segment >= 0, "distill.recompute_segment must be >= 0 (0 keeps the whole graph)"),
             (d.checkpoint_every >= 0 and d.eval_every >= 0, "distill.checkpoint_every and eval_every must be >= 0"),
             (e.num_experts >= 1, "experts.num_experts must be >= 1"),

@@ -118,6 +118,8 @@ class Distiller:
         if self.shard is not None and self.images.grad is not None:
             self.shard.sum_(self.images.grad)  # each rank holds its rows' part
         grad_norm = float(self.images.grad.norm()) if self.images.grad is not None else 0.0
+        if d.clip_image_grad is not None and grad_norm > d.clip_image_grad:  # logged unclipped
+            self.images.grad.mul_(d.clip_image_grad / grad_norm)
         failures_before = self.failures
         if self._finite(loss):
             before = (self.images.detach().clone(), self.lr.detach().clone())

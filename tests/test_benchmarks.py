@@ -97,6 +97,10 @@ def test_reproduce_fmnist_quick_runs_every_stage_and_resumes(tmp_path):
     assert again["distill"] == data["distill"] and again["baselines"] == data["baselines"]
     assert data["distill"]["lr-img-30-ast"]["distill"] == {"lr_img": 30.0}
     assert data["distill"]["lr-img-30-mtt"]["plugins"] == [] and data["distill"]["lr-img-30-ast"]["plugins"]
+    for method in ("mtt", "ast"):
+        clipped = data["distill"][f"clip-image-grad-{method}"]
+        assert clipped["distill"] == {"clip_image_grad": 0.02} and 0 <= clipped["image_grad_norm"]["above_clip"] <= 2
+        assert "above_clip" not in data["distill"][f"lr-img-30-{method}"]["image_grad_norm"]
 
 
 def test_reproduce_fmnist_report_carries_an_earlier_report_into_an_empty_work_dir(tmp_path):

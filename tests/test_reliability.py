@@ -58,6 +58,25 @@ def test_repeated_divergence_stops_cleanly_with_the_last_good_set(tmp_path, digi
     assert [x["rolled_back"] for x in lines] == [False, False, True, True]
 
 
+def test_clip_image_grad_scales_the_image_step_to_the_given_norm(tmp_path, digits, experts):
+    """First step of SGD with momentum: images move by -lr_img * g, g scaled to norm clip when larger."""
+    def one_step(*sets):
+        distiller = Engine(tiny_config(tmp_path / "_".join(sets or ["none"]), "distill.iterations=1", *sets),
+                           dataset=digits).make_distiller(experts)
+        before = distiller.images.detach().clone()
+        return distiller.step().grad_norm, distiller.images.detach() - before
+
+    norm, step = one_step()
+    clip = norm / 4
+    clipped_norm, clipped_step = one_step(f"distill.clip_image_grad={clip!r}")
+    assert clipped_norm == norm  # the log keeps the unclipped norm
+    torch.testing.assert_close(step.norm(), torch.tensor(100.0 * norm), rtol=1e-4, atol=0)  # lr_img 100
+    torch.testing.assert_close(clipped_step, step / 4, rtol=1e-3, atol=1e-7)
+    assert one_step(f"distill.clip_image_grad={4 * norm!r}")[1].equal(step)  # below the bound: untouched
+    with pytest.raises(UserError, match="distill.clip_image_grad must be > 0"):
+        Engine(tiny_config(tmp_path / "bad", "distill.clip_image_grad=0"), dataset=digits)
+
+
 class Interrupt:
     """Ctrl-C at the end of iteration ``at``."""
 
