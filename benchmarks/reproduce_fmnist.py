@@ -11,8 +11,8 @@ Fashion-MNIST") from scratch, in resumable stages:
    trained once and reused): Table VII's six (MTT's distillation on each
    set), Table VIII's cumulative ablation on smooth experts, AST against
    MTT at ipc 1, and both methods again at a smaller image learning rate
-   and with the image gradient clipped. Every run evaluates itself every ``eval_every`` iterations
-   (accuracy against iterations, paper Fig. 6).
+   and with the image gradient clipped. Every run evaluates itself every
+   ``eval_every`` iterations (accuracy against iterations, paper Fig. 6).
 3. ``baselines``: a random real subset and a K-Means real subset (the
    representative-init images, no distillation) at ipc 1 and 10, evaluated
    with the same protocol.
@@ -252,7 +252,11 @@ def stage_report(protocol: dict, work: Path, json_path: Path | None, previous: P
     baselines = read(work / "baselines.json") or {}
     carried = []
     if previous is not None:
-        earlier = json.loads(previous.read_text())
+        try:
+            earlier = json.loads(previous.read_text())
+            earlier = {key: earlier[key] for key in ("protocol", "experts", "distill", "baselines")}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"--previous {previous}: not a report JSON of this script ({err!r})") from None
         if earlier["protocol"] != protocol:
             raise SystemExit(f"--previous {previous}: its protocol differs from this one; not merging")
         for section, mine in (("experts", experts), ("distill", runs), ("baselines", baselines)):

@@ -121,3 +121,9 @@ def test_reproduce_fmnist_report_carries_an_earlier_report_into_an_empty_work_di
                            "--work", str(tmp_path / "empty"), "--previous", str(earlier)],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0 and "protocol differs" in proc.stderr and "Traceback" not in proc.stderr
+    for bad in ("missing.json", "earlier.txt"):
+        (tmp_path / "earlier.txt").write_text("not json")
+        proc = subprocess.run([sys.executable, str(BENCHMARKS / "reproduce_fmnist.py"), "--quick", "--stage", "report",
+                               "--work", str(tmp_path / "empty"), "--previous", str(tmp_path / bad)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert proc.returncode != 0 and "not a report JSON" in proc.stderr and "Traceback" not in proc.stderr, bad
