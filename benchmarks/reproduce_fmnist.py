@@ -89,19 +89,22 @@ LR_IMG_LOW = 30.0
 #: MTT's largest norm in the first 107 iterations of lr-img-30-mtt (0.011), far below AST's spikes (0.2 to 1.1).
 CLIP_IMAGE_GRAD = 0.02
 AST_STAGE2 = ["representative-init", "balanced-inner-loss", "intermediate-matching", "weight-perturbation"]
+#: MTT and AST as distillation runs: the expert set and the stage-2 plugins of each.
+METHODS = {"mtt": {"experts": "sgd", "plugins": []}, "ast": {"experts": "smooth", "plugins": AST_STAGE2}}
+#: Both methods again at ipc 10, tuned alike (run name prefix: label, distill overrides): is AST's deficit the
+#: image lr they share, or the image-gradient spikes (clipped here; neither method clips)?
+TUNED = {
+    f"lr-img-{LR_IMG_LOW:g}": (f"lr_img {LR_IMG_LOW:g}", {"lr_img": LR_IMG_LOW}),
+    "clip-image-grad": (f"image gradient clipped to {CLIP_IMAGE_GRAD:g}", {"clip_image_grad": CLIP_IMAGE_GRAD}),
+}
 #: Distillation runs: the expert set they use, their stage-2 plugins, overrides.
 RUNS = {
     **{f"table7-{name}": {"experts": name, "plugins": []} for name in EXPERT_SETS},
     **{f"table8-{i}-{AST_STAGE2[i - 1]}": {"experts": "smooth", "plugins": AST_STAGE2[:i]} for i in range(1, 5)},
     "mtt-ipc1": {"experts": "sgd", "plugins": [], "distill": {"ipc": 1}},
     "ast-ipc1": {"experts": "smooth", "plugins": AST_STAGE2, "distill": {"ipc": 1}},
-    # Both methods again at a smaller image learning rate, tuned alike: is AST's deficit the shared lr_img?
-    **{f"lr-img-{LR_IMG_LOW:g}-{method}": {"experts": experts, "plugins": plugins, "distill": {"lr_img": LR_IMG_LOW}}
-       for method, experts, plugins in (("mtt", "sgd", []), ("ast", "smooth", AST_STAGE2))},
-    # ... and at the protocol's lr_img with the image gradient clipped (neither method clips): are the spikes the cause?
-    **{f"clip-image-grad-{method}": {"experts": experts, "plugins": plugins,
-                                     "distill": {"clip_image_grad": CLIP_IMAGE_GRAD}}
-       for method, experts, plugins in (("mtt", "sgd", []), ("ast", "smooth", AST_STAGE2))},
+    **{f"{prefix}-{method}": {**spec, "distill": overrides}
+       for prefix, (_, overrides) in TUNED.items() for method, spec in METHODS.items()},
 }
 #: Which run is which row of the AST-vs-MTT table (ipc 10 rows are shared with tables VII and VIII).
 AST_VS_MTT = {("mtt", 10): "table7-sgd", ("ast", 10): "table8-4-weight-perturbation",
@@ -337,8 +340,7 @@ def markdown(report: dict) -> str:
     curves = [("MTT", AST_VS_MTT[("mtt", 10)]), ("smooth experts, no stage-2 technique", "table7-smooth")]
     curves += [(f"+ {plugin}" + (" (AST)" if i == len(AST_STAGE2) else ""), f"table8-{i}-{plugin}")
                for i, plugin in enumerate(AST_STAGE2, 1)]
-    curves += [(f"{m.upper()}, lr_img {LR_IMG_LOW:g}", f"lr-img-{LR_IMG_LOW:g}-{m}") for m in ("mtt", "ast")]
-    curves += [(f"{m.upper()}, image gradient clipped to {CLIP_IMAGE_GRAD:g}", f"clip-image-grad-{m}") for m in ("mtt", "ast")]
+    curves += [(f"{m.upper()}, {label}", f"{prefix}-{m}") for prefix, (label, _) in TUNED.items() for m in METHODS]
     for label, key in curves:
         run = runs.get(key)
         points = ", ".join(f"{it}: {100 * acc:.2f}" for it, acc in run["accuracy_vs_iteration"]) if run else "not run"
@@ -349,14 +351,13 @@ def markdown(report: dict) -> str:
                   "| run | median | largest | at iteration | its start epoch |", "|---|---|---|---|---|"]
         lines += [f"| {name} | {g['median']:.3g} | {g['max']:.3g} | {g['max_iteration']} | {g['max_start_epoch']} |"
                   for name, g in spikes]
-    lr_img = report["protocol"]["distill"]["lr_img"]
-    lines += ["", "Both methods tuned alike (ipc 10; in brackets the largest image-gradient norm of the run and, when "
-              "clipped, in how many iterations the norm was above the bound)", "",
-              f"| method | lr_img {lr_img:g} | lr_img {LR_IMG_LOW:g} | lr_img {lr_img:g}, image gradient clipped to "
-              f"{CLIP_IMAGE_GRAD:g} |", "|---|---|---|---|"]
-    for method in ("mtt", "ast"):
+    lines += ["", "Both methods tuned alike (ipc 10; the protocol's lr_img unless the column says otherwise; in brackets "
+              "the largest image-gradient norm of the run and, when clipped, in how many iterations the norm was above "
+              "the bound)", "", f"| method | lr_img {report['protocol']['distill']['lr_img']:g} | "
+              + " | ".join(label for label, _ in TUNED.values()) + " |", "|---|" + "---|" * (1 + len(TUNED))]
+    for method in METHODS:
         cells = []
-        for key in (AST_VS_MTT[(method, 10)], f"lr-img-{LR_IMG_LOW:g}-{method}", f"clip-image-grad-{method}"):
+        for key in (AST_VS_MTT[(method, 10)], *(f"{prefix}-{method}" for prefix in TUNED)):
             run, g = runs.get(key), (runs.get(key) or {}).get("image_grad_norm")
             notes = [f"{g['max']:.3g}"] if g else []
             if g and "above_clip" in g:

@@ -16,12 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 
 
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python benchmarks/SCRIPT --quick ARGS`` from the repository root."""
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+
+
 def run_quick(script: str, tmp_path: Path, *extra: str) -> dict:
     out = tmp_path / f"{Path(script).stem}.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick", "--json", str(out), *extra],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
-    )
+    proc = run_script(script, "--json", str(out), *extra)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
     assert "command:" in proc.stdout
     return json.loads(out.read_text())
@@ -105,9 +108,7 @@ def test_reproduce_fmnist_quick_runs_every_stage_and_resumes(tmp_path):
 
 def test_reproduce_fmnist_report_carries_an_earlier_report_into_an_empty_work_dir(tmp_path):
     earlier = tmp_path / "earlier.json"
-    experts = subprocess.run([sys.executable, str(BENCHMARKS / "reproduce_fmnist.py"), "--quick", "--stage", "experts",
-                              "--only", "sgd", "--work", str(tmp_path / "a")], cwd=ROOT, capture_output=True, text=True,
-                             timeout=240)
+    experts = run_script("reproduce_fmnist.py", "--stage", "experts", "--only", "sgd", "--work", str(tmp_path / "a"))
     assert experts.returncode == 0, experts.stderr
     first = run_quick("reproduce_fmnist.py", tmp_path, "--stage", "report", "--work", str(tmp_path / "a"))
     assert first["experts"]["sgd"] is not None and "runs/table7-sgd" in first["missing"]
@@ -117,13 +118,10 @@ def test_reproduce_fmnist_report_carries_an_earlier_report_into_an_empty_work_di
     assert merged["experts"]["sgd"] == first["experts"]["sgd"] and merged["carried_from_previous"] == ["experts/sgd"]
     assert merged["missing"] == first["missing"]
     earlier.write_text(json.dumps({**first, "protocol": {**first["protocol"], "model": {"name": "convnet", "width": 9}}}))
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "reproduce_fmnist.py"), "--quick", "--stage", "report",
-                           "--work", str(tmp_path / "empty"), "--previous", str(earlier)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = run_script("reproduce_fmnist.py", "--stage", "report", "--work", str(tmp_path / "empty"), "--previous", str(earlier))
     assert proc.returncode != 0 and "protocol differs" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "earlier.txt").write_text("not json")
     for bad in ("missing.json", "earlier.txt"):
-        (tmp_path / "earlier.txt").write_text("not json")
-        proc = subprocess.run([sys.executable, str(BENCHMARKS / "reproduce_fmnist.py"), "--quick", "--stage", "report",
-                               "--work", str(tmp_path / "empty"), "--previous", str(tmp_path / bad)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=240)
+        proc = run_script("reproduce_fmnist.py", "--stage", "report", "--work", str(tmp_path / "empty"),
+                          "--previous", str(tmp_path / bad))
         assert proc.returncode != 0 and "not a report JSON" in proc.stderr and "Traceback" not in proc.stderr, bad
