@@ -25,16 +25,23 @@ def launched() -> bool:
 def init(device: torch.device) -> None:
     """Join the process group once (gloo on CPU, NCCL on CUDA)."""
     if launched() and not dist.is_initialized():
+        # torch.distributed.nn.functional binds ``group.WORLD`` as a default
+        # argument when first imported; imported after this point (lazily, by
+        # torch itself) it would keep the group alive past
+        # destroy_process_group. Imported now, it binds None.
+        import torch.distributed.nn.functional  # noqa: F401
+
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(leave)
 
 
 def leave() -> None:
-    """Leave the process group (registered at exit by :func:`init`).
+    """Leave the process group and stop its threads (registered at exit by :func:`init`).
 
-    A gloo group still alive while the interpreter shuts down can abort the
-    process ("terminate called without an active exception"); destroying it
-    while Python is fully alive avoids that.
+    A gloo worker thread that drops the last reference to a tensor while the
+    interpreter shuts down aborts the process ("terminate called without an
+    active exception"). Freeing the group while Python is fully alive joins
+    those threads first.
     """
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -159,3 +159,17 @@ def test_init_registers_leaving_the_group_at_exit(monkeypatch, tmp_path):
     distributed.leave()
     assert not dist.is_initialized()
     distributed.leave()  # twice is harmless
+
+
+def test_leave_stops_the_process_group_threads(tmp_path):
+    """No gloo thread survives leave(): one alive at interpreter shutdown can abort its rank (SIGABRT)."""
+    import pytest
+
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("counts threads through /proc")
+    worker = str(Path(__file__).parent / "_leave_stops_threads.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    result = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", worker], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
