@@ -26,9 +26,10 @@ def init(device: torch.device) -> None:
     """Join the process group once (gloo on CPU, NCCL on CUDA)."""
     if launched() and not dist.is_initialized():
         # torch.distributed.nn.functional binds ``group.WORLD`` as a default
-        # argument when first imported; imported after this point (lazily, by
-        # torch itself) it would keep the group alive past
-        # destroy_process_group. Imported now, it binds None.
+        # argument when first imported. Imported after this point (torch does
+        # so lazily: the first optimizer imports torch._dynamo, which imports
+        # it), it would keep the group alive past destroy_process_group.
+        # Imported now, it binds None.
         import torch.distributed.nn.functional  # noqa: F401
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

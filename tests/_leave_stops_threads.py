@@ -13,7 +13,7 @@ def threads() -> int:
 
 before = threads()
 distributed.init(torch.device("cpu"))
-import torch.distributed.nn.functional  # noqa: E402,F401  (torch imports it lazily, e.g. while training)
+import torch.distributed.nn.functional  # noqa: E402,F401  (as torch does lazily: torch.optim -> torch._dynamo)
 
 tensor = torch.ones(3)
 torch.distributed.all_reduce(tensor)
