@@ -15,13 +15,16 @@ TINY = ["--set", "model.width=8", "--set", "experts.num_experts=3", "--set", "ex
         "--set", "distill.max_start_epoch=1", "--set", "distill.expert_epochs=1", "--quiet"]
 
 
+def on_two_ranks(*args: str, env: dict, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 ARGS``, with this environment's torchrun."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    return subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_torchrun_experts_equal_serial_experts(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    parallel = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "astkit", "experts", *TINY, "--out", "par"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    parallel = on_two_ranks("-m", "astkit", "experts", *TINY, "--out", "par", cwd=tmp_path, env=env)
     assert parallel.returncode == 0, parallel.stderr[-2000:]
     serial = subprocess.run([sys.executable, "-m", "astkit", "experts", *TINY, "--out", "ser"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
@@ -48,9 +51,7 @@ def test_sharded_meta_gradient_equals_single_process(tmp_path):
     single = subprocess.run([sys.executable, worker, str(tmp_path / "single")], env=env, capture_output=True,
                             text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    sharded = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", worker, str(tmp_path / "sharded")],
-                             env=env, capture_output=True, text=True, timeout=300)
+    sharded = on_two_ranks(worker, str(tmp_path / "sharded"), env=env)
     assert sharded.returncode == 0, sharded.stderr[-2000:]
     for case in ("full", "batch_momentum_dsa", "recompute"):
         reference = load_file(str(tmp_path / "single" / f"{case}.rank0.safetensors"))
@@ -71,9 +72,7 @@ def test_torchrun_run_splits_distillation_and_evaluation(tmp_path):
     from astkit import DistilledSet
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    parallel = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "astkit", "run", *RUN,
-                               "--out", "par"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    parallel = on_two_ranks("-m", "astkit", "run", *RUN, "--out", "par", cwd=tmp_path, env=env, timeout=600)
     assert parallel.returncode == 0, f"stdout:\n{parallel.stdout[-3000:]}\nstderr:\n{parallel.stderr[-6000:]}"
     serial = subprocess.run([sys.executable, "-m", "astkit", "run", *RUN, "--out", "ser"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
@@ -95,10 +94,8 @@ def test_torchrun_run_splits_distillation_and_evaluation(tmp_path):
 
 def test_torchrun_distill_refuses_batch_norm_in_one_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     args = [*RUN, "--set", "model.norm=batchnorm", "--set", "experts.num_experts=2", "--set", "experts.epochs=1"]
-    result = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "astkit", "run", *args,
-                             "--out", "bn"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = on_two_ranks("-m", "astkit", "run", *args, "--out", "bn", cwd=tmp_path, env=env)
     assert result.returncode != 0
     assert "error: distillation across processes needs a model without batch norm" in result.stderr
     assert "astkit/" not in result.stderr  # no astkit traceback (torchrun's launcher prints its own)
@@ -169,7 +166,5 @@ def test_leave_stops_the_process_group_threads(tmp_path):
         pytest.skip("counts threads through /proc")
     worker = str(Path(__file__).parent / "_leave_stops_threads.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    result = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", worker], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = on_two_ranks(worker, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
