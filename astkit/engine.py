@@ -294,7 +294,7 @@ class Engine:
             self.progress.log(f"resumed from {path} at iteration {distiller.iteration}")
         main = self.is_main
         if main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            store.make_dir(self.out)
             store.atomic_write_text(self.out / "config.toml", self.config.to_toml())
             log = MetricsLog(self.out / "metrics.jsonl", [m.to_json() for m in distiller.history],
                              keep_evaluations=path is not None)
@@ -464,14 +464,15 @@ class MetricsLog:
                            and isinstance(r.get("iteration"), int) and r["iteration"] <= done] if keep_evaluations else []
             records = [{"event": "iteration", **m} for m in restart_from] + evaluations
             records.sort(key=lambda r: (r["iteration"] + (-0.5 if r["event"] == "evaluation" else 0)))
-            store.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+            store.atomic_write_text(path, "".join(store.json_line(r) + "\n" for r in records))
 
     def _records(self) -> list[dict]:
-        """The file's records that parse (a line cut by a kill is skipped)."""
+        """The file's records that parse (a line cut by a kill is skipped;
+        non-finite numbers are ``null``)."""
         if self.path is None or not self.path.is_file():
             return []
         records = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
@@ -481,10 +482,11 @@ class MetricsLog:
         return records
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one whole line of strict JSON (NaN/Infinity as
+        ``null``); a full disk leaves the file as it was (a one-line error)."""
         if self.path is None:
             return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        store.append_line(self.path, store.json_line(record))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -311,13 +311,13 @@ def plot_curves(history: Sequence[Mapping[str, Any]], evaluations: Sequence[tupl
     """Matching loss and learned lr per iteration; accuracy at each evaluation."""
     its = [int(m["iteration"]) + 1 for m in history]
     fig, axes = _figure(3 if evaluations else 2)
-    losses = [float(m["loss"]) for m in history]
+    losses = [_num(m.get("loss")) for m in history]
     axes[0].plot(its, losses, lw=1, marker="." if len(its) < 50 else None)
     finite = [v for v in losses if math.isfinite(v)]
     if finite and min(finite) > 0 and max(finite) / min(finite) > 20:
         axes[0].set_yscale("log")
     axes[0].set(title="matching loss", xlabel="iteration")
-    axes[1].plot(its, [float(m["lr"]) for m in history], lw=1, color="tab:orange",
+    axes[1].plot(its, [_num(m.get("lr")) for m in history], lw=1, color="tab:orange",
                  marker="." if len(its) < 50 else None)
     axes[1].set(title="learned student lr", xlabel="iteration")
     if evaluations:
@@ -580,13 +580,13 @@ class Reporter:
             lines += ["", f"Mean Avg_Var {mean_var:.4g} (lower means smoother trajectories).", ""]
         if history:
             last = history[-1]
-            seconds = sum(float(m.get("seconds", 0.0)) for m in history)
+            seconds = sum(s for s in (_num(m.get("seconds")) for m in history) if math.isfinite(s))
             lines += [
                 "## Distillation",
                 "",
                 f"- iterations: {int(last['iteration']) + 1}",
-                f"- final matching loss: {float(last['loss']):.4g} (first {float(history[0]['loss']):.4g})",
-                f"- learned student lr: {float(last['lr']):.4g}",
+                f"- final matching loss: {_num(last.get('loss')):.4g} (first {_num(history[0].get('loss')):.4g})",
+                f"- learned student lr: {_num(last.get('lr')):.4g}",
                 f"- time in iterations: {_duration(seconds)}",
                 "",
             ]
@@ -626,8 +626,8 @@ class Reporter:
             table.add_row("experts", f"{len(experts)}, test acc {mean_acc:.4f}, Avg_Var {mean_var:.4g}")
         if history:
             last = history[-1]
-            table.add_row("distillation", f"{int(last['iteration']) + 1} iterations, loss {float(last['loss']):.4g}, "
-                                          f"lr {float(last['lr']):.4g}")
+            table.add_row("distillation", f"{int(last['iteration']) + 1} iterations, loss {_num(last.get('loss')):.4g}, "
+                                          f"lr {_num(last.get('lr')):.4g}")
         if evaluation is not None:
             for name, r in evaluation.architectures.items():
                 n = len(r.accuracies)
@@ -636,6 +636,16 @@ class Reporter:
         for key, path in files.items():
             table.add_row(key, str(path))
         console.print(table)
+
+
+def _num(value: Any) -> float:
+    """A metric as a float: ``null`` (how metrics.jsonl writes NaN/Infinity) or missing is NaN."""
+    if value is None:
+        return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _fmt(value: float | None) -> str:

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 divergence or an unexpected error, 2 a user error
 """
 
 import dataclasses
+import errno
 import inspect
 import os
 import shlex
@@ -154,9 +155,34 @@ def invoke(build: Callable[[], Any], argv: list[str]) -> int:
         return EXIT_FAILED
     except Exception as exc:  # a bug or an environment problem: one line, traceback on --debug
         _debug_traceback(debug)
+        mapped = os_error_message(exc)
+        if mapped is not None:
+            print_error(mapped)
+            return EXIT_USAGE
         hint = "" if debug else " (rerun with --debug for the traceback)"
         print_error(f"{type(exc).__name__}: {exc}{hint}")
         return EXIT_FAILED
+
+
+#: errno of an OSError that is the user's environment (exit 2), not a bug
+USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR,
+                         errno.ENOTDIR})
+
+
+def os_error_message(exc: BaseException) -> str | None:
+    """The one-line message for an OSError that escaped the guarded writes
+    (permission denied, read-only file system, disk full, a file where a
+    folder should be, or the reverse), worded by :func:`astkit.store.raise_write_error`;
+    None for anything else."""
+    if not isinstance(exc, OSError) or exc.errno not in USER_ERRNOS:
+        return None
+    from astkit import store
+
+    try:
+        store.raise_write_error(exc.filename or "a file", exc, writing=False)
+    except UserError as mapped:
+        return str(mapped)
+    return None
 
 
 def _debug_traceback(debug: bool) -> None:
