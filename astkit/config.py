@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -116,6 +117,9 @@ class EvalConfig:
     test_every: int = 20
 
 
+#: the largest seed: TOML integers are signed 64-bit, and torch's generators take it
+MAX_SEED = 2**63 - 1
+
 SECTIONS = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -170,15 +174,7 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "RunConfig":
         """Read a TOML file (optional) and apply ``key=value`` overrides."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise UserError(f"config file {path} does not exist; check the --config path")
-            try:
-                data = tomllib.loads(path.read_text())
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-                raise UserError(f"config file {path} is not valid TOML: {exc}; fix the file (see docs/configuration.md)") from None
+        data = read_config_file(path) if path is not None else {}
         config = cls.from_dict(data)
         for item in overrides or []:
             config.apply_override(item)
@@ -261,16 +257,36 @@ class RunConfig:
             (e.batch_size >= 1, "experts.batch_size must be >= 1"),
             (e.optimizer in ("sgd", "adam"), f"experts.optimizer must be 'sgd' or 'adam', got {e.optimizer!r}"),
             (0 <= e.momentum < 1, "experts.momentum must be in [0, 1)"),
+            (e.weight_decay >= 0, "experts.weight_decay must be >= 0"),
+            (e.lr_decay > 0, "experts.lr_decay must be > 0 (1 for no decay)"),
+            (e.lr_decay_epoch is None or e.lr_decay_epoch >= 1, "experts.lr_decay_epoch must be >= 1 (or unset)"),
+            (0 <= d.img_momentum < 1, "distill.img_momentum must be in [0, 1)"),
+            (0 <= d.lr_momentum < 1, "distill.lr_momentum must be in [0, 1)"),
+            (self.data.zca_eps > 0, "data.zca_eps must be > 0"),
             (v.num_nets >= 1, "evaluate.num_nets must be >= 1"),
             (v.epochs >= 1, "evaluate.epochs must be >= 1"),
             (v.batch_size >= 1, "evaluate.batch_size must be >= 1"),
             (v.lr is None or v.lr > 0, "evaluate.lr must be > 0 (or unset to use the learned lr)"),
+            (0 <= v.momentum < 1, "evaluate.momentum must be in [0, 1)"),
+            (v.weight_decay >= 0, "evaluate.weight_decay must be >= 0"),
+            (v.lr_decay > 0, "evaluate.lr_decay must be > 0 (1 for no decay)"),
+            (v.test_every >= 1, "evaluate.test_every must be >= 1"),
             (self.augment.mode in ("single", "multiple"), "augment.mode must be 'single' or 'multiple'"),
             (self.allocator in ("system", "retain"), f"allocator must be 'system' or 'retain', got {self.allocator!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        self._validate_seed_and_paths()
+
+    def _validate_seed_and_paths(self) -> None:
+        """The seed fits every generator and TOML; no path is empty (it would mean the current folder)."""
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise UserError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}; pick another seed")
+        for key, value in (("out", self.out), ("data.root", self.data.root), ("experts.dir", self.experts.dir)):
+            if value is not None and not str(value).strip():
+                raise UserError(f"{key} is an empty path; give a folder (. for the current one) or leave {key} unset")
 
     def check_expert_length(self) -> None:
         """Experts must be long enough for the last start epoch plus expert_epochs."""
@@ -283,6 +299,29 @@ class RunConfig:
 
 
 # ------------------------------------------------------------------ helpers
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The tables of a TOML config file; a missing path, a folder or bad TOML is a UserError."""
+    if not str(path).strip():
+        raise UserError("the config file path is empty; pass --config FILE.toml")
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder, not a TOML file; pass the .toml file itself")
+    if not path.exists():
+        raise UserError(f"config file {path} does not exist; check the --config path")
+    if not path.is_file():
+        raise UserError(f"config file {path} is not a regular file; pass a .toml file")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text; write the config as a TOML text file") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path}: {exc.strerror or exc}; check its permissions") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {path} is not valid TOML: {exc}; fix the file (see docs/configuration.md)") from None
+
+
 def parse_value(raw: str) -> Any:
     """A ``--set`` value: TOML syntax (numbers, booleans, lists), else a string."""
     if raw.lower() in ("none", "null"):
@@ -341,6 +380,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise UserError(f"config key {key} expects an integer, got {value!r}; write a whole number")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())  # exact: a long seed must not pass through a float
+            except ValueError:
+                pass
         try:
             as_float = float(value)
         except ValueError:
@@ -352,9 +398,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise UserError(f"config key {key} expects a number, got {value!r}; write e.g. 0.01 or 1e-5")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise UserError(f"config key {key} expects a number, got {value!r}; write e.g. 0.01 or 1e-5") from None
+        if not math.isfinite(number):
+            raise UserError(f"config key {key} expects a finite number, got {value!r}; write e.g. 0.01 or 1e-5")
+        return number
     if annotation is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"config key {key} expects a string, got {value!r}; write a single name")

@@ -67,6 +67,7 @@ class Engine:
         self.config.resolve_options(declared_options(catalog))
         if self.config.model.name not in self.models:
             raise UserError(f"unknown model {self.config.model.name!r}; known models: {', '.join(sorted(self.models))}")
+        self.check_evaluation_models()
         if dataset is None and self.config.data.dataset not in self.datasets:
             raise UserError(
                 f"unknown dataset {self.config.data.dataset!r}; known datasets: {', '.join(sorted(self.datasets))}"
@@ -132,6 +133,7 @@ class Engine:
         """
         e = self.config.experts
         indices = list(range(e.num_experts)) if indices is None else list(indices)
+        self.check_kept_experts(indices)  # before any training: the folder must not mix two models
         if distributed.world_size() > 1:
             self._train_experts(distributed.my_share(indices))
             distributed.barrier()
@@ -167,6 +169,8 @@ class Engine:
     def load_experts(self, directory: str | Path | None = None) -> list[Trajectory]:
         """Read every ``*.safetensors`` trajectory of a folder and check it fits."""
         directory = Path(directory) if directory is not None else self.experts_dir()
+        if directory.exists() and not directory.is_dir():
+            raise UserError(f"the experts folder {directory} is a file; point experts.dir (--experts) at a folder of expert files")
         files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
         if not files:
             raise UserError(f"no expert trajectories in {directory}; run `astkit experts` first or set experts.dir")
@@ -180,19 +184,7 @@ class Engine:
 
     def check_expert(self, trajectory: Trajectory, path: Path | str = "expert") -> None:
         """Raise if a trajectory was made for another model, data or is too short."""
-        spec = self.model_spec
-        if trajectory.model != spec:
-            raise FileFormatError(
-                f"{path}: made for {_describe(trajectory.model)}, this run uses {_describe(spec)}; "
-                "point experts.dir at matching experts or retrain them"
-            )
-        made_on = trajectory.meta.get("dataset", {})
-        if made_on.get("name") and made_on["name"] != self.dataset.name:
-            raise FileFormatError(f"{path}: trained on {made_on['name']}, this run distils {self.dataset.name}; use experts of this dataset")
-        if "zca" in made_on and bool(made_on["zca"]) != (self.dataset.zca is not None):
-            raise FileFormatError(
-                f"{path}: trained {'with' if made_on['zca'] else 'without'} ZCA whitening; set data.zca to match"
-            )
+        self.check_recorded({**trajectory.meta, "model": trajectory.model.to_json()}, path)
         d = self.config.distill
         if trajectory.num_epochs < d.max_start_epoch - 1 + d.expert_epochs:
             raise UserError(
@@ -201,13 +193,116 @@ class Engine:
                 "lower distill.max_start_epoch"
             )
 
-    # ----------------------------------------------------------- stage 2
-    def init_synthetic(self, experts: list[Trajectory], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The starting images, from the ``astkit_init_synthetic`` hook."""
+    # ------------------------------------------------------- early checks
+    def check_evaluation_models(self, names: Iterable[str] | None = None, key: str = "evaluate.models") -> None:
+        """Every evaluation architecture (``names``, default ``evaluate.models``) is a known model."""
+        names = list(self.config.evaluate.models if names is None else names)
+        unknown = [n for n in names if n not in self.models]
+        if unknown:
+            raise UserError(f"unknown model {unknown[0]!r} in {key}; known models: {', '.join(sorted(self.models))}")
+
+    def check_ipc(self) -> None:
+        """``distill.ipc`` fits the smallest class of the data (the data is loaded if not yet)."""
         ipc, ds = self.config.distill.ipc, self.dataset
         smallest = min(len(i) for i in ds.class_indices())
         if ipc > smallest:
             raise UserError(f"distill.ipc = {ipc} exceeds the smallest class of {ds.name} ({smallest} images); lower distill.ipc")
+
+    def check_inputs(self) -> None:
+        """Every check that needs the data but no training; the stages call it first.
+
+        The output and experts folders must not be files. Loads the data (a
+        dataset with fewer than 2 classes, an empty class or an unreadable
+        image fails here), builds the run's network and each
+        evaluation network on its shapes (bad model options fail here) and
+        checks ``distill.ipc`` against the smallest class.
+        """
+        for key, folder in (("out", self.out), ("experts.dir", self.experts_dir())):
+            blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+            if blocker is not None and not blocker.is_dir():
+                raise UserError(f"{key} {folder}: {blocker} is a file, not a folder; remove it or choose another folder")
+        self.check_ipc()
+        spec, ds = self.model_spec, self.dataset
+        for name in self.config.evaluate.models:
+            if name != spec.name:
+                ModelSpec(name, ds.channels, ds.num_classes, tuple(ds.image_size)).build(self.models)
+
+    def check_recorded(self, meta: dict[str, Any], path: Path | str, *, kind: str = "expert") -> None:
+        """A file's recorded model (name, options, channels, image size, classes) and
+        data are this run's; from its metadata alone (nothing is trained or loaded)."""
+        try:
+            recorded = ModelSpec.from_json(meta["model"])
+        except (KeyError, TypeError, ValueError):
+            raise FileFormatError(f"{path}: the {kind} file records no model; the file is damaged or from another tool") from None
+        spec = self.model_spec
+        if recorded != spec:
+            fix = ("point experts.dir at matching experts or retrain them" if kind == "expert"
+                   else "resume with the config the checkpoint was made with, or start without --resume")
+            raise FileFormatError(f"{path}: made for {_describe(recorded)}, this run uses {_describe(spec)}; {fix}")
+        made_on = meta.get("dataset") or {}
+        if not isinstance(made_on, dict):
+            raise FileFormatError(f"{path}: the {kind} file's dataset record is damaged; use an intact copy")
+        if made_on.get("name") and made_on["name"] != self.dataset.name:
+            raise FileFormatError(f"{path}: made from {made_on['name']}, this run uses {self.dataset.name}; use a {kind} of this dataset")
+        if "zca" in made_on and bool(made_on["zca"]) != (self.dataset.zca is not None):
+            raise FileFormatError(
+                f"{path}: made {'with' if made_on['zca'] else 'without'} ZCA whitening; set data.zca to match"
+            )
+
+    def check_kept_experts(self, training: Iterable[int]) -> None:
+        """Before training experts ``training`` into the experts folder: every other
+        expert file there (kept by --resume or --only) fits this run, so the folder
+        never mixes two models; from the files' metadata alone."""
+        directory = self.experts_dir()
+        if directory.exists() and not directory.is_dir():
+            raise UserError(f"the experts folder {directory} is a file; remove it or set experts.dir to a folder")
+        if not directory.is_dir():
+            return
+        written = {f"expert_{i:03d}.safetensors" for i in training}
+        for path in sorted(directory.glob("*.safetensors")):
+            if path.name in written:
+                continue
+            meta = store.read_metadata(path)
+            if meta.get("kind") != "trajectory":
+                raise FileFormatError(
+                    f"{path}: an astkit {meta.get('kind')} file in the experts folder; move it out (the folder holds expert trajectories only)"
+                )
+            self.check_recorded(meta, path)
+            epochs = meta.get("num_epochs")
+            if isinstance(epochs, int) and epochs != self.config.experts.epochs:
+                raise FileFormatError(
+                    f"{path}: an expert of {epochs} epochs, this run trains {self.config.experts.epochs}; "
+                    f"set experts.epochs={epochs} or use another experts folder"
+                )
+
+    def check_checkpoint(self, path: Path | str) -> None:
+        """Before resuming from ``path``: it is a checkpoint of this run's model,
+        data and ``distill.ipc``; from its metadata alone."""
+        path = Path(path)
+        if path.is_dir():
+            raise UserError(f"the checkpoint {path} is a folder; remove it or start without --resume")
+        if not path.is_file():
+            raise UserError(f"nothing to resume: no {path}; run without --resume")
+        meta = store.read_metadata(path)
+        if meta.get("kind") != "checkpoint":
+            raise FileFormatError(f"{path}: expected an astkit checkpoint, this one holds a {meta.get('kind')}; start without --resume")
+        self.check_recorded(meta, path, kind="checkpoint")
+        recorded = ((meta.get("config") or {}).get("distill") or {}).get("ipc")
+        if isinstance(recorded, int) and recorded != self.config.distill.ipc:
+            ds = self.dataset
+            shape = (ds.channels, *ds.image_size)
+            found, expected = (recorded * ds.num_classes, *shape), (self.config.distill.ipc * ds.num_classes, *shape)
+            raise FileFormatError(
+                f"{path}: holds images {found}, this run makes {expected} (distill.ipc {recorded}, not "
+                f"{self.config.distill.ipc}); "
+                f"set distill.ipc={recorded} to resume, or start without --resume"
+            )
+
+    # ----------------------------------------------------------- stage 2
+    def init_synthetic(self, experts: list[Trajectory], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The starting images, from the ``astkit_init_synthetic`` hook."""
+        ipc, ds = self.config.distill.ipc, self.dataset
+        self.check_ipc()
         answer = self.hooks.astkit_init_synthetic(
             dataset=ds, ipc=ipc, experts=experts, generator=generator, config=self.config
         )
@@ -288,6 +383,7 @@ class Engine:
         path = None
         if resume:
             path = self.out / "checkpoint.safetensors" if resume is True else Path(resume)
+            self.check_checkpoint(path)
         distiller = self.make_distiller(experts, path)
         if path is not None:
             distiller.load_checkpoint(path)
@@ -427,7 +523,10 @@ class Engine:
         there is one.
         """
         self.config.check_expert_length()
+        self.check_inputs()  # data, ipc, models: refused before any expert is trained
         self._batch_shard(self.model_spec.build(self.models))  # refuse a bad torchrun setup before training
+        if resume and (self.out / "checkpoint.safetensors").exists():
+            self.check_checkpoint(self.out / "checkpoint.safetensors")
         if self.config.experts.dir:
             experts = self.load_experts()
         elif resume:

@@ -88,7 +88,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise FileFormatError(f"{path}: astkit metadata is not valid JSON; the file is damaged, use an intact copy") from None
     if not isinstance(meta, dict) or meta.get("kind") not in KINDS:
         raise FileFormatError(f"{path}: astkit metadata has no known kind; the file is damaged or from another tool")
-    if int(meta.get("format", 0)) > FORMAT_VERSION:
+    if isinstance(meta.get("format", 0), bool) or not isinstance(meta.get("format", 0), int):
+        raise FileFormatError(f"{path}: astkit metadata has a format that is not an integer ({meta.get('format')!r}); the file is damaged, use an intact copy")
+    if meta.get("format", 0) > FORMAT_VERSION:
         raise FileFormatError(f"{path}: written by a newer astkit (format {meta['format']}); upgrade astkit")
     return meta
 

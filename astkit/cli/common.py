@@ -11,7 +11,6 @@ import inspect
 import os
 import shlex
 import sys
-import tomllib
 import traceback
 from pathlib import Path
 from typing import Annotated, Any, Callable
@@ -227,14 +226,14 @@ def shared_parameters(plugin_help: str) -> list[inspect.Parameter]:
             "--disable", metavar="NAME", rich_help_panel=PANEL_PLUGINS, show_default=False,
             help="Disable a plugin even if a preset or the config enables it (repeatable).")]),
         param("config", Annotated[Path | None, typer.Option(
-            "--config", "-c", metavar="FILE.toml", rich_help_panel=PANEL_CONFIG, show_default=False,
+            "--config", "-c", parser=path_value, metavar="FILE.toml", rich_help_panel=PANEL_CONFIG, show_default=False,
             help="Read the run's configuration from a TOML file (as written to OUT/config.toml).")]),
         param("set", Annotated[list[str] | None, typer.Option(
             "--set", "-s", metavar="KEY=VALUE", rich_help_panel=PANEL_CONFIG, show_default=False,
             help="Override one config key, repeatable: distill.ipc=10, experts.epochs=50, "
                  "smooth-experts.mu=2 (a plugin's option).")]),
         param("out", Annotated[Path | None, typer.Option(
-            "--out", "-o", metavar="DIR", rich_help_panel=PANEL_OUTPUT, show_default=False,
+            "--out", "-o", parser=path_value, metavar="DIR", rich_help_panel=PANEL_OUTPUT, show_default=False,
             help="Output folder (config key out; default runs/astkit).")]),
         param("seed", Annotated[int | None, typer.Option(
             "--seed", metavar="N", rich_help_panel=PANEL_CONFIG, show_default=False,
@@ -246,7 +245,7 @@ def shared_parameters(plugin_help: str) -> list[inspect.Parameter]:
             "--dataset", "-d", metavar="NAME", rich_help_panel=PANEL_CONFIG, show_default=False,
             help="Dataset name (see `astkit datasets`; default digits).")]),
         param("data_root", Annotated[Path | None, typer.Option(
-            "--data-root", metavar="DIR", rich_help_panel=PANEL_CONFIG, show_default=False,
+            "--data-root", parser=path_value, metavar="DIR", rich_help_panel=PANEL_CONFIG, show_default=False,
             help="Folder holding the dataset files.")]),
         param("download", Annotated[bool, typer.Option(
             "--download", rich_help_panel=PANEL_CONFIG,
@@ -289,13 +288,32 @@ def with_stage_options(func: Callable, plugin_help: str) -> Callable:
 
 # ------------------------------------------------------------ config build
 def read_toml(path: Path) -> dict[str, Any]:
+    """The tables of a --config file (a folder, a missing path or bad TOML is a UserError)."""
+    from astkit.config import read_config_file
+
+    return read_config_file(path)
+
+
+def path_value(value: Any) -> Path:
+    """Typer's parser of path options and arguments: an empty path is refused
+    (it would silently mean the current folder)."""
+    if isinstance(value, Path):
+        return value
+    if not str(value).strip():
+        raise typer.BadParameter("the path is empty; give a path (. for the current folder)")
+    return Path(value)
+
+
+def require_file(path: Path, what: str) -> Path:
+    """``path`` is an existing file; else a one-line UserError that says what it is instead."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not {what}; pass a file (e.g. one of the .safetensors files in it)")
+    if not path.exists():
+        raise UserError(f"{path} does not exist (no such file); check the path")
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
-    try:
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+        raise UserError(f"{path} is not a regular file; pass {what}")
+    return path
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -121,10 +121,10 @@ def plugins(
 
 # -------------------------------------------------------------------- show
 def show(
-    file: Annotated[Path, typer.Argument(metavar="FILE", show_default=False,
+    file: Annotated[Path, typer.Argument(parser=common.path_value, metavar="FILE", show_default=False,
                                          help="An astkit .safetensors file (trajectory, distilled set, checkpoint).")],
     png: Annotated[Path | None, typer.Option(
-        "--png", metavar="PATH", show_default=False,
+        "--png", parser=common.path_value, metavar="PATH", show_default=False,
         help="Where to write the image grid of a distilled set or checkpoint (default: FILE with .png).")] = None,
     no_png: Annotated[bool, typer.Option("--no-png", help="Do not write the image grid.")] = False,
     full: Annotated[bool, typer.Option("--full", help="Do not shorten long metadata lists.")] = False,
@@ -137,10 +137,8 @@ def show(
 
     from astkit import store
     from astkit.config import dump_toml
-    from astkit.errors import FileFormatError, UserError
 
-    if not file.is_file():
-        raise FileFormatError(f"{file}: no such file")
+    common.require_file(file, "an astkit file")
     meta = store.read_metadata(file)
     tensors, _ = store.load(file)
     kind = meta.get("kind")
@@ -150,9 +148,7 @@ def show(
     grid = None
     if kind in ("distilled", "checkpoint") and not no_png and "images" in tensors and "labels" in tensors:
         grid = png if png is not None else file.with_suffix(".png")
-        parent = grid.parent if str(grid.parent) else Path(".")
-        if parent.exists() and not os.access(parent, os.W_OK):
-            raise UserError(f"cannot write {grid}; pass --png PATH or --no-png")
+        _check_png_path(grid)
         _write_grid(tensors, meta, grid)
 
     if as_json:
@@ -197,6 +193,20 @@ def show(
         console.print(dump_toml(meta["config"]).rstrip(), markup=False, highlight=False)
     if grid is not None:
         console.print(f"grid: {escape(str(grid))}", highlight=False)
+
+
+def _check_png_path(grid: Path) -> None:
+    """The grid can be written at ``grid``: its folder exists (show creates no folders) and is writable."""
+    from astkit.errors import UserError
+
+    parent = grid.parent if str(grid.parent) else Path(".")
+    if grid.is_dir():
+        raise UserError(f"--png {grid} is a folder; pass a file name such as {grid / 'grid.png'}")
+    if not parent.is_dir():
+        what = "is a file" if parent.exists() else "does not exist"
+        raise UserError(f"cannot write {grid}: the folder {parent} {what}; create the folder first or pass another --png PATH (or --no-png)")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {grid}: the folder {parent} is not writable; pass --png PATH or --no-png")
 
 
 def _summary(kind: str, meta: dict[str, Any], tensors: dict[str, Any]) -> list[tuple[str, Any]]:

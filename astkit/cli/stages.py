@@ -14,7 +14,7 @@ from astkit.cli.common import PANEL_CONFIG, PANEL_OUTPUT, StageOptions, with_sta
 ARGV: list[str] = []
 
 GridEvery = Annotated[int, typer.Option(
-    "--grid-every", metavar="N", rich_help_panel=PANEL_OUTPUT,
+    "--grid-every", metavar="N", min=0, rich_help_panel=PANEL_OUTPUT,
     help="Save OUT/grids/iter_NNNNNN.png every N iterations and the initial set (0: none).")]
 Ipc = Annotated[int | None, typer.Option(
     "--ipc", metavar="N", rich_help_panel=PANEL_CONFIG, show_default=False,
@@ -26,7 +26,7 @@ NumExperts = Annotated[int | None, typer.Option(
     "--num-experts", metavar="N", rich_help_panel=PANEL_CONFIG, show_default=False,
     help="How many experts to train (experts.num_experts).")]
 ExpertsDir = Annotated[Path | None, typer.Option(
-    "--experts", metavar="DIR", rich_help_panel=PANEL_CONFIG, show_default=False,
+    "--experts", parser=common.path_value, metavar="DIR", rich_help_panel=PANEL_CONFIG, show_default=False,
     help="Use the expert trajectories in DIR (experts.dir) instead of OUT/experts.")]
 
 
@@ -139,8 +139,12 @@ def run(opts: StageOptions, resume: Annotated[bool, typer.Option(
         if not resume:
             result = engine.run()
         else:
-            experts = engine.load_experts() if config.experts.dir else load_or_train_missing_experts(engine)
             checkpoint = engine.out / "checkpoint.safetensors"
+            config.check_expert_length()
+            engine.check_inputs()  # data, ipc, models, then the checkpoint: before any expert is trained
+            if checkpoint.exists():
+                engine.check_checkpoint(checkpoint)
+            experts = engine.load_experts() if config.experts.dir else load_or_train_missing_experts(engine)
             if not checkpoint.is_file():
                 progress.log(f"no checkpoint in {engine.out}; distilling from the start")
             distilled = engine.distill(experts, resume=checkpoint.is_file())
@@ -159,7 +163,7 @@ def experts(opts: StageOptions, resume: Annotated[bool, typer.Option(
                 help="Train only these expert indices (e.g. 0,3 to split the work across machines).")] = None,
             num_experts: NumExperts = None,
             experts_dir: Annotated[Path | None, typer.Option(
-                "--experts", metavar="DIR", rich_help_panel=PANEL_CONFIG, show_default=False,
+                "--experts", parser=common.path_value, metavar="DIR", rich_help_panel=PANEL_CONFIG, show_default=False,
                 help="Write the trajectories to DIR (experts.dir; default OUT/experts).")] = None) -> None:
     """Stage 1: train expert networks on the real data and save their trajectories.
 
@@ -183,6 +187,7 @@ def experts(opts: StageOptions, resume: Annotated[bool, typer.Option(
         if bad:
             raise UserError(f"--only: expert indices must be in 0..{n - 1}, got {bad}")
     engine, reporter, progress = make_engine(config, opts)
+    engine.check_inputs()  # data, distill.ipc, models: refused before any expert is trained
     progress.log(describe_run(engine))
     directory = engine.experts_dir()
     if resume:
@@ -219,6 +224,9 @@ def distill(opts: StageOptions, experts_dir: ExpertsDir = None,
     checkpoint = engine.out / "checkpoint.safetensors"
     if resume and not checkpoint.is_file():
         raise UserError(f"nothing to resume: no {checkpoint}; run without --resume")
+    engine.check_inputs()  # data, distill.ipc, models: refused before the experts are read
+    if resume:
+        engine.check_checkpoint(checkpoint)
     progress.log(describe_run(engine))
     with interruptible(engine, progress):
         trajectories = engine.load_experts()
@@ -232,7 +240,7 @@ def distill(opts: StageOptions, experts_dir: ExpertsDir = None,
 
 def evaluate(opts: StageOptions,
              file: Annotated[Path, typer.Argument(
-                 metavar="FILE", show_default=False, help="A distilled set (.safetensors) written by astkit.")],
+                 parser=common.path_value, metavar="FILE", show_default=False, help="A distilled set (.safetensors) written by astkit.")],
              models: Annotated[str | None, typer.Option(
                  "--models", "-m", metavar="A,B", show_default=False,
                  help="Architectures to train (cross-architecture; see `astkit models`); "
@@ -251,9 +259,10 @@ def evaluate(opts: StageOptions,
     from astkit.errors import UserError
     from astkit.results import DistilledSet
 
-    meta = store.read_metadata(file)
+    meta = store.read_metadata(common.require_file(file, "a distilled set"))
     if meta.get("kind") != "distilled":
-        raise UserError(f"{file}: expected an astkit distilled file, this one holds a {meta.get('kind')}")
+        raise UserError(f"{file}: expected an astkit distilled file, this one holds a {meta.get('kind')}; "
+                        "pass a distilled.safetensors (astkit show FILE tells what a file holds)")
     base = recorded_config(meta)
     config = common.build_config(opts, base=base, shortcuts={"evaluate.num_nets": num_nets,
                                                              "evaluate.epochs": epochs})
@@ -261,9 +270,7 @@ def evaluate(opts: StageOptions,
     engine, reporter, progress = make_engine(config, opts)
     names = common.split_names([models]) if models else None
     if names:
-        unknown = [n for n in names if n not in engine.models]
-        if unknown:
-            raise UserError(f"unknown model {unknown[0]!r}; known models: {', '.join(sorted(engine.models))}")
+        engine.check_evaluation_models(names, "--models")
     progress.log(describe_run(engine, out=False) + f"; evaluating {file}")
     with interruptible(engine, progress, resumable=False):
         result = engine.evaluate(distilled, names)

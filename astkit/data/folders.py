@@ -96,14 +96,15 @@ def read_images(paths: Sequence[Path], size: tuple[int, int], mode: str) -> np.n
     from PIL import Image
 
     channels = 1 if mode == "L" else 3
+    decode_errors = _decode_errors()
     out = np.empty((len(paths), size[0], size[1], channels), dtype=np.uint8)
 
     def one(i: int) -> None:
         try:
             with Image.open(paths[i]) as image:
                 fitted = fit_image(image.convert(mode), size)
-        except OSError as exc:
-            raise UserError(f"cannot read image {paths[i]} ({exc})") from exc
+        except decode_errors as exc:
+            raise _unreadable(paths[i], exc) from exc
         out[i] = np.asarray(fitted, dtype=np.uint8).reshape(size[0], size[1], channels)
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -111,11 +112,27 @@ def read_images(paths: Sequence[Path], size: tuple[int, int], mode: str) -> np.n
     return out.transpose(0, 3, 1, 2)
 
 
-def _probe(path: Path) -> tuple[tuple[int, int], str]:
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for a file it cannot decode (a broken PNG chunk is a SyntaxError)."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        return (image.height, image.width), ("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+    return (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _unreadable(path: Path, exc: BaseException) -> UserError:
+    return UserError(f"cannot read image {path} ({exc}); replace or delete the file")
+
+
+def _probe(path: Path) -> tuple[tuple[int, int], str]:
+    """The size and mode of the first image, read in the same guarded way as the rest."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a corrupt first image fails here, not in the probe's caller
+            return (image.height, image.width), ("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+    except _decode_errors() as exc:
+        raise _unreadable(path, exc) from exc
 
 
 def _raw(train: tuple[list[Path], list[int]], test: tuple[list[Path], list[int]], classes: list[str],

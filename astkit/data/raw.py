@@ -65,8 +65,16 @@ def build_dataset(name: str, raw: RawData, *, zca: bool = False, zca_eps: float 
     train_labels = torch.as_tensor(np.asarray(raw.train_labels)).to(torch.int64).reshape(-1)
     test_labels = torch.as_tensor(np.asarray(raw.test_labels)).to(torch.int64).reshape(-1)
     classes = list(raw.class_names)
+    if len(classes) < 2:
+        found = f"one class ({classes[0]})" if classes else "no classes"
+        raise UserError(f"{name}: has {found}, distillation needs at least 2; "
+                        "give the dataset two or more classes (an image folder: one train/<class>/ folder each)")
     _check(name, train, train_labels, "train", len(classes))
     _check(name, test, test_labels, "test", len(classes))
+    counts = torch.bincount(train_labels, minlength=len(classes)).tolist()
+    empty = [str(c) for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        raise UserError(f"{name}: class {empty[0]} has no train images; add images to it or remove the class")
     if test.shape[1:] != train.shape[1:]:
         raise UserError(f"{name}: test images {tuple(test.shape[1:])} differ from train {tuple(train.shape[1:])}")
     if raw.mean is None or raw.std is None:
