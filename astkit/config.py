@@ -94,6 +94,8 @@ class DistillConfig:
     recompute_segment: int = 0
     divergence_lr_factor: float = 0.5
     max_divergences: int = 5
+    max_image_growth: float = 100.0
+    max_lr_growth: float = 1000.0
     clip_image_grad: float | None = None
     augment: bool = True
     eval_every: int = 0
@@ -248,6 +250,8 @@ class RunConfig:
             (0 <= d.student_momentum < 1, "distill.student_momentum must be in [0, 1)"),
             (0 < d.divergence_lr_factor <= 1, "distill.divergence_lr_factor must be in (0, 1]"),
             (d.max_divergences >= 1, "distill.max_divergences must be >= 1"),
+            (d.max_image_growth > 1, "distill.max_image_growth must be > 1"),
+            (d.max_lr_growth > 1, "distill.max_lr_growth must be > 1"),
             (d.clip_image_grad is None or d.clip_image_grad > 0, "distill.clip_image_grad must be > 0 (or unset for no clipping)"),
             (d.recompute_segment >= 0, "distill.recompute_segment must be >= 0 (0 keeps the whole graph)"),
             (d.checkpoint_every >= 0 and d.eval_every >= 0, "distill.checkpoint_every and eval_every must be >= 0"),

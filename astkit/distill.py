@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from astkit.augment import DSA
 from astkit.config import RunConfig
 from astkit.errors import DivergenceError, FileFormatError, UserError
 from astkit.functional import FlatModel
+from astkit.interrupts import deferred_interrupt
 from astkit.matching import matching_loss, unroll, validate_schedule
 from astkit.results import DistilledSet, IterationMetrics
 from astkit.trajectory import Trajectory
@@ -46,13 +48,20 @@ class Distiller:
         #: a :class:`~astkit.collectives.BatchShard` under torchrun: each
         #: rank unrolls on its rows of every mini-batch (see ``unroll``).
         self.shard = shard
-        self.images = images.detach().to(self.device).clone().requires_grad_(True)
+        # Standard strides whatever the init gave (a 1-channel image may carry channels-last strides, which
+        # select other convolution kernels and round differently from the images a checkpoint restores).
+        self.images = images.detach().to(self.device).clone(memory_format=torch.contiguous_format).requires_grad_(True)
         self.labels = labels.to(self.device)
         self.lr = torch.tensor(float(d.lr_teacher), device=self.device, requires_grad=True)
         self.lr_img = float(d.lr_img)
         self.opt_img = torch.optim.SGD([self.images], lr=self.lr_img, momentum=d.img_momentum)
         self.opt_lr = torch.optim.SGD([self.lr], lr=d.lr_lr, momentum=d.lr_momentum)
+        #: the largest absolute pixel of the initial images (at least 1), the
+        #: reference of ``distill.max_image_growth``
+        self.image_scale = max(float(self.images.detach().abs().max()), 1.0)
         self.iteration = 0
+        #: the iteration whose periodic evaluation was last made (-1: none)
+        self.evaluated = -1
         self.failures = 0
         self.history: list[IterationMetrics] = []
         self.expert_order: list[int] = []
@@ -65,7 +74,52 @@ class Distiller:
         return self.expert_order.pop(0)
 
     def step(self) -> IterationMetrics:
-        """One distillation iteration: unroll, match, update images and lr."""
+        """One distillation iteration: unroll, match, update images and lr.
+
+        An exception (Ctrl-C included) before the update leaves the distiller
+        as it was before the iteration, random draws undone; the update itself
+        runs with Ctrl-C held back, so it is applied whole or not at all. A
+        checkpoint written after either resumes the uninterrupted run bit for bit.
+        """
+        boundary = self._random_state()
+        try:
+            loss, terms, drawn = self._meta_gradient()
+        except BaseException:
+            self._restore_random_state(boundary)
+            self.opt_img.zero_grad(set_to_none=True)
+            self.opt_lr.zero_grad(set_to_none=True)
+            raise
+        with deferred_interrupt():
+            grad_norm = self._clip_image_grad()
+            problem = self._update(loss)
+            metrics = IterationMetrics(
+                iteration=self.iteration,
+                loss=loss.item(),
+                lr=self.lr.item(),
+                terms=[t.item() for t in terms],
+                seconds=time.perf_counter() - drawn.pop("t0"),
+                grad_norm=grad_norm,
+                rolled_back=problem is not None,
+                rollback_reason=problem,
+                lr_img=self.lr_img,
+                **drawn,
+            )
+            self.history.append(metrics)
+            self.iteration += 1
+        return metrics
+
+    def raise_if_diverged(self) -> None:
+        """Stop the run once ``distill.max_divergences`` iterations in a row were rolled back."""
+        if self.failures >= self.config.distill.max_divergences:
+            last = self.history[-1]
+            raise DivergenceError(
+                f"distillation diverged ({last.rollback_reason}) {self.failures} times in a row, last at iteration "
+                f"{last.iteration}; the last sane set is saved; lower distill.lr_img or distill.lr_lr"
+            )
+
+    def _meta_gradient(self) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, Any]]:
+        """Draw expert and start, unroll the student, backpropagate the matching
+        loss into ``images.grad`` and ``lr.grad``; nothing else changes."""
         d, config, hook = self.config.distill, self.config, self.hooks
         t0 = time.perf_counter()
         it = self.iteration
@@ -117,67 +171,105 @@ class Distiller:
         loss.backward()
         if self.shard is not None and self.images.grad is not None:
             self.shard.sum_(self.images.grad)  # each rank holds its rows' part
-        grad_norm = float(self.images.grad.norm()) if self.images.grad is not None else 0.0
-        if d.clip_image_grad is not None and grad_norm > d.clip_image_grad:  # logged unclipped
-            self.images.grad.mul_(d.clip_image_grad / grad_norm)
-        failures_before = self.failures
-        if self._finite(loss):
-            before = (self.images.detach().clone(), self.lr.detach().clone())
+        drawn = {"t0": t0, "start_epoch": start_epoch, "expert": expert_index, "inner_weight": weight}
+        return loss, terms, drawn
+
+    def _clip_image_grad(self) -> float:
+        """The image gradient's norm (logged unclipped); scale it down to
+        ``distill.clip_image_grad`` when that is set and exceeded."""
+        if self.images.grad is None:
+            return 0.0
+        norm = float(self.images.grad.norm())
+        bound = self.config.distill.clip_image_grad
+        if bound is not None and norm > bound:
+            self.images.grad.mul_(bound / norm)
+        return norm
+
+    def _update(self, loss: torch.Tensor) -> str | None:
+        """Step both optimisers if the result is sane; otherwise keep the last
+        sane state, lower the image lr and return what was wrong."""
+        problem = self._gradient_problem(loss)
+        if problem is None:
+            saved = self._update_state()
             self.opt_img.step()
-            if d.learn_lr:
+            if self.config.distill.learn_lr:
                 self.opt_lr.step()
-            if not self._finite(loss):  # the update itself produced NaN/Inf or lr <= 0
-                with torch.no_grad():
-                    self.images.copy_(before[0])
-                    self.lr.copy_(before[1])
-                self._diverged(it, "the update")
-            else:
-                self.failures = 0
+            problem = self.state_problem()
+            if problem is not None:
+                self._restore_update_state(saved)
+        if problem is None:
+            self.failures = 0
         else:
-            self._diverged(it, "the matching loss")
-        metrics = IterationMetrics(
-            iteration=it,
-            loss=loss.item(),
-            lr=self.lr.item(),
-            start_epoch=start_epoch,
-            expert=expert_index,
-            inner_weight=weight,
-            terms=[t.item() for t in terms],
-            seconds=time.perf_counter() - t0,
-            grad_norm=grad_norm,
-            rolled_back=self.failures > failures_before,
-            lr_img=self.lr_img,
-        )
-        self.iteration += 1
-        self.history.append(metrics)
-        return metrics
+            self._diverged()
+        return problem
 
-    def _finite(self, loss: torch.Tensor) -> bool:
-        grads = [g for g in (self.images.grad, self.lr.grad) if g is not None]
-        return bool(
-            torch.isfinite(loss)
-            and all(torch.isfinite(g).all() for g in grads)
-            and torch.isfinite(self.images).all()
-            and torch.isfinite(self.lr)
-            and self.lr.item() > 0
-        )
+    def _gradient_problem(self, loss: torch.Tensor) -> str | None:
+        if not torch.isfinite(loss):
+            return "the matching loss is NaN/Inf"
+        if self.images.grad is not None and not torch.isfinite(self.images.grad).all():
+            return "the image gradient holds NaN/Inf"
+        if self.lr.grad is not None and not torch.isfinite(self.lr.grad).all():
+            return "the lr gradient is NaN/Inf"
+        return None
 
-    def _diverged(self, iteration: int, where: str) -> None:
-        """Skip the update, lower the image lr; stop after too many in a row."""
+    def state_problem(self) -> str | None:
+        """Why the current images and lr are not a sane state, or None.
+
+        Sane: finite; the learned lr in (0, max_lr_growth x lr_teacher]; the
+        largest absolute pixel within max_image_growth x that of the initial
+        images (``image_scale``, at least 1).
+        """
         d = self.config.distill
+        if not torch.isfinite(self.images).all():
+            return "the images hold NaN/Inf"
+        lr = self.lr.item()
+        if not math.isfinite(lr) or lr <= 0:
+            return f"the learned lr is {lr:g}"
+        if lr > d.max_lr_growth * d.lr_teacher:
+            return f"the learned lr grew to {lr / d.lr_teacher:.3g} x distill.lr_teacher (max_lr_growth {d.max_lr_growth:g})"
+        growth = float(self.images.detach().abs().max()) / self.image_scale
+        if growth > d.max_image_growth:
+            return f"the images grew to {growth:.3g} x their initial scale (max_image_growth {d.max_image_growth:g})"
+        return None
+
+    def _update_state(self) -> dict[str, torch.Tensor]:
+        """Copies of what an update changes: images, lr, optimiser momenta."""
+        saved = {"images": self.images.detach().clone(), "lr": self.lr.detach().clone()}
+        for name, opt, param in (("img", self.opt_img, self.images), ("lr", self.opt_lr, self.lr)):
+            buf = opt.state.get(param, {}).get("momentum_buffer")
+            if buf is not None:
+                saved[f"momentum.{name}"] = buf.clone()
+        return saved
+
+    def _restore_update_state(self, saved: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.images.copy_(saved["images"])
+            self.lr.copy_(saved["lr"])
+        for name, opt, param in (("img", self.opt_img, self.images), ("lr", self.opt_lr, self.lr)):
+            if f"momentum.{name}" in saved:
+                opt.state[param]["momentum_buffer"] = saved[f"momentum.{name}"]
+            else:
+                opt.state.pop(param, None)
+
+    def _diverged(self) -> None:
+        """Count a failure, lower the image lr and forget the image momentum."""
         self.failures += 1
         self.opt_img.zero_grad(set_to_none=True)
         self.opt_lr.zero_grad(set_to_none=True)
-        self.lr_img *= d.divergence_lr_factor
+        self.lr_img *= self.config.distill.divergence_lr_factor
         for group in self.opt_img.param_groups:
             group["lr"] = self.lr_img
             for p in group["params"]:
                 self.opt_img.state.pop(p, None)
-        if self.failures >= d.max_divergences:
-            raise DivergenceError(
-                f"distillation diverged ({where}: NaN/Inf or lr <= 0) {self.failures} times in a row at "
-                f"iteration {iteration}; the last good set is saved; lower distill.lr_img or distill.lr_lr"
-            )
+
+    def _random_state(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        return self.generator.get_state(), torch.get_rng_state(), list(self.expert_order)
+
+    def _restore_random_state(self, state: tuple[torch.Tensor, torch.Tensor, list[int]]) -> None:
+        generator_state, rng_state, order = state
+        self.generator.set_state(generator_state)
+        torch.set_rng_state(rng_state)
+        self.expert_order = order
 
     # --------------------------------------------------------------- output
     def distilled(self, meta: dict[str, Any], zca: dict[str, torch.Tensor] | None = None) -> DistilledSet:
@@ -202,6 +294,8 @@ class Distiller:
             "iteration": self.iteration,
             "failures": self.failures,
             "lr_img": self.lr_img,
+            "image_scale": self.image_scale,
+            "evaluated": self.evaluated,
             "expert_order": self.expert_order,
             "history": [m.to_json() for m in self.history],
         }
@@ -223,6 +317,7 @@ class Distiller:
         self.generator.set_state(generator_state)
         torch.set_rng_state(rng_state)
         self.lr_img = lr_img
+        self.image_scale = float(state.get("image_scale", self.image_scale))
         for group in self.opt_img.param_groups:
             group["lr"] = self.lr_img
         for name, opt, param in (("img", self.opt_img, self.images), ("lr", self.opt_lr, self.lr)):
@@ -232,6 +327,7 @@ class Distiller:
                 opt.state[param]["momentum_buffer"] = buf.reshape(param.shape)
         self.iteration = int(state["iteration"])
         self.failures = int(state["failures"])
+        self.evaluated = int(state.get("evaluated", self.iteration))  # older checkpoints: treat as made
         self.expert_order = [int(i) for i in state["expert_order"]]
         self.history = [IterationMetrics(**m) for m in state["history"]]
         return meta

@@ -343,6 +343,7 @@ class Engine:
         if shard is not None:  # every rank starts from rank 0's images, whatever the init hook did
             with torch.no_grad():
                 shard.broadcast_(distiller.images.data)
+            distiller.image_scale = max(float(distiller.images.detach().abs().max()), 1.0)
         return distiller
 
     def _batch_shard(self, module: torch.nn.Module) -> BatchShard | None:
@@ -400,14 +401,17 @@ class Engine:
         self.progress.start("distill", "distilling", d.iterations)
         self.progress.advance("distill", distiller.iteration)
         try:
+            if path is not None:  # the evaluation Ctrl-C cut short, if the checkpoint was written before it
+                self._evaluate_if_due(distiller, log, meta)
             while distiller.iteration < d.iterations:
                 metrics = distiller.step()
                 if metrics.rolled_back:
                     self.progress.log(
-                        f"iteration {metrics.iteration}: NaN/Inf or lr <= 0, update rolled back; "
-                        f"image lr lowered to {metrics.lr_img:g}"
+                        f"iteration {metrics.iteration}: {metrics.rollback_reason}; rolled back to the last sane "
+                        f"state, image lr lowered to {metrics.lr_img:g}"
                     )
                 log.write({"event": "iteration", **metrics.to_json()})
+                distiller.raise_if_diverged()
                 if main:
                     self.hooks.astkit_on_iteration_end(
                         metrics=metrics, images=distiller.images.detach(), config=self.config
@@ -418,9 +422,7 @@ class Engine:
                 it = distiller.iteration
                 if d.checkpoint_every and it % d.checkpoint_every == 0 and it < d.iterations:
                     self._checkpoint(distiller, meta)
-                if d.eval_every and it % d.eval_every == 0 and it < d.iterations:
-                    result = self.evaluate(distiller.distilled(meta, self._zca()), iteration=it)
-                    log.write({"event": "evaluation", "iteration": it, **result.to_json()})
+                self._evaluate_if_due(distiller, log, meta)
         except KeyboardInterrupt:
             self._checkpoint(distiller, meta)
             self.progress.log(f"interrupted: checkpoint written at iteration {distiller.iteration}; use --resume")
@@ -440,6 +442,16 @@ class Engine:
         distributed.barrier()  # the files exist before any rank goes on
         self.history = distiller.history
         return distilled
+
+    def _evaluate_if_due(self, distiller: Distiller, log: MetricsLog, meta: dict[str, Any]) -> None:
+        """The evaluation every ``distill.eval_every`` iterations, unless the
+        distiller records it as made (after a resume)."""
+        d, it = self.config.distill, distiller.iteration
+        if not (d.eval_every and 0 < it < d.iterations and it % d.eval_every == 0) or distiller.evaluated == it:
+            return
+        result = self.evaluate(distiller.distilled(meta, self._zca()), iteration=it)
+        log.write({"event": "evaluation", "iteration": it, **result.to_json()})
+        distiller.evaluated = it
 
     def _checkpoint(self, distiller: Distiller, meta: dict[str, Any]) -> None:
         if not self.is_main:
@@ -466,7 +478,14 @@ class Engine:
     def evaluate(
         self, distilled: DistilledSet, models: list[str] | None = None, *, iteration: int | None = None
     ) -> EvaluationResult:
-        """Train ``evaluate.num_nets`` fresh networks per architecture; test each."""
+        """Train ``evaluate.num_nets`` fresh networks per architecture; test each.
+
+        Seeded per network; the caller's random state is left as it was.
+        """
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return self._evaluate(distilled, models, iteration)
+
+    def _evaluate(self, distilled: DistilledSet, models: list[str] | None, iteration: int | None) -> EvaluationResult:
         v, ds = self.config.evaluate, self.dataset
         names = models or v.models or [self.config.model.name]
         self._check_distilled(distilled)

@@ -26,9 +26,11 @@ class IterationMetrics:
     terms: list[float]
     seconds: float
     grad_norm: float = 0.0
-    #: the update was skipped (NaN/Inf or lr <= 0) and the image lr lowered
+    #: the update was rolled back to the last sane state and the image lr lowered
     rolled_back: bool = False
     lr_img: float = 0.0
+    #: why it was rolled back (see ``Distiller.state_problem``), else None
+    rollback_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -29,7 +29,7 @@ the `;`.
 
 Nothing is half-written when an error stops a run: files are written to a
 temporary name and renamed (see [file formats](file-formats.md)); a
-diverging run keeps its last good distilled set; Ctrl-C writes a checkpoint
+diverging run keeps its last sane distilled set; Ctrl-C writes a checkpoint
 (`--resume` continues).
 """
 

@@ -50,12 +50,13 @@ def test_nan_rolls_back_and_lowers_the_image_lr(tmp_path, digits, experts):
 def test_repeated_divergence_stops_cleanly_with_the_last_good_set(tmp_path, digits, experts):
     engine = Engine(tiny_config(tmp_path, "distill.iterations=10", "distill.max_divergences=3"), dataset=digits,
                     plugins=[NaNOnce(range(2, 10))])
-    with pytest.raises(DivergenceError, match="3 times in a row at iteration 4"):
+    with pytest.raises(DivergenceError, match="3 times in a row, last at iteration 4"):
         engine.distill(experts)
     saved = DistilledSet.load(engine.out / "distilled.safetensors")
-    assert saved.iteration == 4 and torch.isfinite(saved.images).all()
+    assert saved.iteration == 5 and torch.isfinite(saved.images).all()
     lines = [json.loads(x) for x in (engine.out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["rolled_back"] for x in lines] == [False, False, True, True]
+    assert [x["rolled_back"] for x in lines] == [False, False, True, True, True]
+    assert lines[-1]["rollback_reason"] == "the matching loss is NaN/Inf"
 
 
 def test_clip_image_grad_scales_the_image_step_to_the_given_norm(tmp_path, digits, experts):
@@ -114,9 +115,10 @@ def test_resume_keeps_the_evaluations_made_before_the_checkpoint(tmp_path, digit
     Engine(config(), dataset=digits).distill(experts, resume=True)
     records = [json.loads(line) for line in (tmp_path / "cut" / "run" / "metrics.jsonl").read_text().splitlines()]
     events = [(r["event"], r["iteration"]) for r in records]
-    # evaluation k is made after iteration k-1; the one at 3 was cut by Ctrl-C before it ran
+    # evaluation k is made after iteration k-1; the one at 3, cut by Ctrl-C before it ran, is made on resume
     assert events == [("iteration", 0), ("evaluation", 1), ("iteration", 1), ("evaluation", 2), ("iteration", 2),
-                      ("iteration", 3), ("evaluation", 4), ("iteration", 4), ("evaluation", 5), ("iteration", 5)]
+                      ("evaluation", 3), ("iteration", 3), ("evaluation", 4), ("iteration", 4), ("evaluation", 5),
+                      ("iteration", 5)]
 
 
 def test_full_disk_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
