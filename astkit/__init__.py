@@ -18,10 +18,11 @@ from astkit.hookspecs import hookimpl  # noqa: E402
 from astkit.matching import MatchPoint  # noqa: E402
 from astkit.progress import Progress  # noqa: E402
 from astkit.results import DistilledSet, EvaluationResult, IterationMetrics, RunResult  # noqa: E402
+from astkit.run_folder import RunFolder  # noqa: E402
 from astkit.trajectory import ModelSpec, Trajectory  # noqa: E402
 
 __all__ = [
     "AstkitError", "AugmentConfig", "DataConfig", "DistillConfig", "DistilledSet", "Engine", "EvalConfig",
     "EvaluationResult", "ExpertBatch", "ExpertConfig", "IterationMetrics", "MatchPoint", "ModelConfig",
-    "ModelSpec", "Progress", "RunConfig", "RunResult", "Trajectory", "UserError", "hookimpl",
+    "ModelSpec", "Progress", "RunConfig", "RunFolder", "RunResult", "Trajectory", "UserError", "hookimpl",
 ]
