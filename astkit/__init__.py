@@ -1,8 +1,7 @@
 """astkit: dataset distillation by trajectory matching (MTT/AST) with plugins."""
 
-__version__ = "0.1.0"
-
-from astkit.config import (  # noqa: E402
+from astkit._version import __version__
+from astkit.config import (
     AugmentConfig,
     DataConfig,
     DistillConfig,
@@ -11,18 +10,22 @@ from astkit.config import (  # noqa: E402
     ModelConfig,
     RunConfig,
 )
-from astkit.engine import Engine  # noqa: E402
-from astkit.errors import AstkitError, UserError  # noqa: E402
-from astkit.experts import ExpertBatch  # noqa: E402
-from astkit.hookspecs import hookimpl  # noqa: E402
-from astkit.matching import MatchPoint  # noqa: E402
-from astkit.progress import Progress  # noqa: E402
-from astkit.results import DistilledSet, EvaluationResult, IterationMetrics, RunResult  # noqa: E402
-from astkit.run_folder import RunFolder  # noqa: E402
-from astkit.trajectory import ModelSpec, Trajectory  # noqa: E402
+from astkit.engine import Engine
+from astkit.errors import AstkitError, DivergenceError, FileFormatError, PluginError, UserError
+from astkit.experts import ExpertBatch
+from astkit.hookspecs import hookimpl
+from astkit.matching import MatchPoint
+from astkit.progress import Progress
+from astkit.results import DistilledSet, EvaluationResult, IterationMetrics, RunResult
+from astkit.run_folder import RunFolder
+from astkit.store import atomic_write
+from astkit.trajectory import ModelSpec, Trajectory
 
+#: Everything a plugin, an example or a script may use. Plugins and examples
+#: import from ``astkit`` only, and only these names (tests/test_layers.py).
 __all__ = [
-    "AstkitError", "AugmentConfig", "DataConfig", "DistillConfig", "DistilledSet", "Engine", "EvalConfig",
-    "EvaluationResult", "ExpertBatch", "ExpertConfig", "IterationMetrics", "MatchPoint", "ModelConfig",
-    "ModelSpec", "Progress", "RunConfig", "RunFolder", "RunResult", "Trajectory", "UserError", "hookimpl",
+    "AstkitError", "AugmentConfig", "DataConfig", "DistillConfig", "DistilledSet", "DivergenceError", "Engine",
+    "EvalConfig", "EvaluationResult", "ExpertBatch", "ExpertConfig", "FileFormatError", "IterationMetrics",
+    "MatchPoint", "ModelConfig", "ModelSpec", "PluginError", "Progress", "RunConfig", "RunFolder", "RunResult",
+    "Trajectory", "UserError", "__version__", "atomic_write", "hookimpl",
 ]

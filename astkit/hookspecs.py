@@ -45,15 +45,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 hookspec = pluggy.HookspecMarker("astkit")
 
-#: Behaviour hooks: only one non-default plugin may answer each.
-FIRST_RESULT_HOOKS = (
-    "astkit_expert_loss",
-    "astkit_init_synthetic",
-    "astkit_inner_loss_weight",
-    "astkit_matching_schedule",
-    "astkit_perturb_expert",
-)
-
 
 # --------------------------------------------------------------------------
 # Behaviour hooks
@@ -329,3 +320,17 @@ def astkit_on_checkpoint_written(path: str, iteration: int, config: RunConfig) -
 
 #: Decorator for plugin functions that implement the hooks above.
 hookimpl = pluggy.HookimplMarker("astkit")
+
+
+def first_result_hooks(namespace: dict[str, Any]) -> tuple[str, ...]:
+    """The hook specifications in ``namespace`` (a module's ``vars()``)
+    declared ``@hookspec(firstresult=True)``, in definition order: the
+    behaviour hooks, of which only one non-default plugin may answer each."""
+    return tuple(
+        name for name, fn in namespace.items()
+        if name.startswith("astkit_") and (getattr(fn, "astkit_spec", None) or {}).get("firstresult")
+    )
+
+
+#: The behaviour hooks, read from the specs above (see :func:`first_result_hooks`).
+FIRST_RESULT_HOOKS = first_result_hooks(globals())

@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from astkit._version import __version__
 from astkit.errors import FileFormatError, UserError
 
 FORMAT_VERSION = 1
@@ -36,8 +37,6 @@ KINDS = ("trajectory", "distilled", "checkpoint")
 
 
 def astkit_version() -> str:
-    from astkit import __version__
-
     return __version__
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from astkit import hookimpl
+from astkit import UserError, hookimpl
 
 NAME = "balanced-inner-loss"
 VARIANTS = {"paper": {"vartheta": 8.0, "base": math.e}, "reference": {"vartheta": 8.0, "base": 5.0}}
@@ -44,8 +44,6 @@ def astkit_inner_loss_weight(start_epoch, max_start_epoch, config):
 
 
 def _variant(options) -> str:
-    from astkit.errors import UserError
-
     if options["variant"] not in VARIANTS:
         raise UserError(f"{NAME}.variant must be one of {', '.join(VARIANTS)}, got {options['variant']!r}")
     return options["variant"]

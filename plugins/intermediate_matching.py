@@ -9,8 +9,7 @@ equal (``beta_i = 1``, the paper's choice) or varied (``beta_i = i / M``).
 
 from __future__ import annotations
 
-from astkit import MatchPoint, hookimpl
-from astkit.errors import UserError
+from astkit import MatchPoint, UserError, hookimpl
 
 NAME = "intermediate-matching"
 

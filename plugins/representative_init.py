@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from sklearn.cluster import KMeans
 
-from astkit import hookimpl
-from astkit.errors import UserError
+from astkit import UserError, atomic_write, hookimpl
 
 NAME = "representative-init"
 
@@ -104,8 +103,6 @@ def plot_pca(views, class_names, path: Path, max_classes: int = 5) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
-
-    from astkit.store import atomic_write
 
     shown = views[:max_classes]
     fig, axes = plt.subplots(1, len(shown), figsize=(3 * len(shown), 3), squeeze=False)

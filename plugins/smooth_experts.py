@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from astkit import hookimpl
-from astkit.errors import UserError
+from astkit import UserError, hookimpl
 
 NAME = "smooth-experts"
 VARIANTS = {

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from astkit import hookimpl
-from astkit.errors import UserError
+from astkit import UserError, hookimpl
 
 NAME = "weight-perturbation"
 DEFAULT_RHO = {"paper": 0.1, "reference": 1.0}
