@@ -29,6 +29,7 @@ from astkit.models import BUILTIN_MODELS
 from astkit.plugins import GuardedHooks, PluginSet, collect_registrations, declared_options
 from astkit.progress import Progress
 from astkit.results import ArchitectureResult, DistilledSet, EvaluationResult, RunResult
+from astkit.run_context import RunContext
 from astkit.trajectory import ModelSpec, Trajectory
 
 
@@ -121,6 +122,12 @@ class Engine:
             "plugins": self.plugin_set.versions(self.enabled),
         }
 
+    @cached_property
+    def run_context(self) -> RunContext:
+        """What the event hooks are told about the run (``run=``): its folder, the
+        dataset's normalisation and class names, the enabled plugins."""
+        return RunContext.of(self.config, self.dataset, self.plugin_set.versions(self.enabled))
+
     # ----------------------------------------------------------- stage 1
     def experts_dir(self) -> Path:
         return Path(self.config.experts.dir) if self.config.experts.dir else self.out / "experts"
@@ -159,7 +166,8 @@ class Engine:
             trajectory.registry = self.models
             trajectory.meta.update(plugins=self.plugin_set.versions(self.enabled), config=self.config.to_dict())
             trajectory.save(directory / f"expert_{index:03d}.safetensors")
-            self.hooks.astkit_on_expert_trained(index=index, trajectory=trajectory, config=self.config)
+            self.hooks.astkit_on_expert_trained(index=index, trajectory=trajectory, run=self.run_context,
+                                                config=self.config)
             self.progress.log(
                 f"expert {index}: test acc {trajectory.test_accuracy[-1]:.4f}, Avg_Var {trajectory.avg_var:.4g}"
             )
@@ -398,6 +406,9 @@ class Engine:
         else:
             log = MetricsLog(None)
         meta = self.metadata()
+        if main:
+            self.hooks.astkit_on_distill_start(images=distiller.images.detach(), labels=distiller.labels,
+                                               iteration=distiller.iteration, run=self.run_context, config=self.config)
         self.progress.start("distill", "distilling", d.iterations)
         self.progress.advance("distill", distiller.iteration)
         try:
@@ -414,7 +425,7 @@ class Engine:
                 distiller.raise_if_diverged()
                 if main:
                     self.hooks.astkit_on_iteration_end(
-                        metrics=metrics, images=distiller.images.detach(), config=self.config
+                        metrics=metrics, images=distiller.images.detach(), run=self.run_context, config=self.config
                     )
                 self.progress.advance(
                     "distill", loss=metrics.loss, lr=metrics.lr, start=metrics.start_epoch
@@ -438,7 +449,8 @@ class Engine:
         saved = distilled.save(self.out / "distilled.safetensors") if main else None
         self._checkpoint(distiller, meta)
         if main:
-            self.hooks.astkit_on_checkpoint_written(path=str(saved), iteration=distilled.iteration, config=self.config)
+            self.hooks.astkit_on_checkpoint_written(path=str(saved), iteration=distilled.iteration, run=self.run_context,
+                                                    config=self.config)
         distributed.barrier()  # the files exist before any rank goes on
         self.history = distiller.history
         return distilled
@@ -457,7 +469,8 @@ class Engine:
         if not self.is_main:
             return
         path = distiller.save_checkpoint(self.out / "checkpoint.safetensors", meta)
-        self.hooks.astkit_on_checkpoint_written(path=str(path), iteration=distiller.iteration, config=self.config)
+        self.hooks.astkit_on_checkpoint_written(path=str(path), iteration=distiller.iteration, run=self.run_context,
+                                                config=self.config)
 
     def _zca(self) -> dict[str, torch.Tensor]:
         zca = self.dataset.zca
@@ -515,7 +528,8 @@ class Engine:
             results[name] = ArchitectureResult(name, distributed.gather_floats(finals, mine), maxima)
         result = EvaluationResult(results, lr, v.epochs)
         if self.is_main:
-            self.hooks.astkit_on_evaluation_done(result=result, iteration=iteration, config=self.config)
+            self.hooks.astkit_on_evaluation_done(result=result, iteration=iteration, run=self.run_context,
+                                                 config=self.config)
         return result
 
     def _check_distilled(self, distilled: DistilledSet) -> None:

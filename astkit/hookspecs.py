@@ -24,6 +24,11 @@ distillation are called on every rank with the same arguments and must give
 the same answer there (draw randomness only from the ``generator`` passed);
 ``astkit_init_synthetic``'s answer on rank 0 is the one used. Each event
 hook's docstring says on which rank it fires.
+
+Every lifecycle event carries the run's context, ``run`` (an
+:class:`astkit.RunContext`): the run folder that names every file
+(``run.folder``), the dataset's normalisation and class names and the enabled
+plugins, so an event plugin needs no reference to the engine.
 """
 
 
@@ -41,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from astkit.experts import ExpertBatch
     from astkit.matching import MatchPoint
     from astkit.results import EvaluationResult, IterationMetrics
+    from astkit.run_context import RunContext
     from astkit.trajectory import Trajectory
 
 hookspec = pluggy.HookspecMarker("astkit")
@@ -256,7 +262,7 @@ def astkit_register_commands(app: Any) -> None:
 
 
 @hookspec
-def astkit_on_expert_trained(index: int, trajectory: Trajectory, config: RunConfig) -> None:
+def astkit_on_expert_trained(index: int, trajectory: Trajectory, run: RunContext, config: RunConfig) -> None:
     """An expert finished training and its trajectory file was written.
 
     Called once per expert, after its file is saved (under torchrun, on
@@ -264,6 +270,9 @@ def astkit_on_expert_trained(index: int, trajectory: Trajectory, config: RunConf
 
     :param index: the expert's index.
     :param trajectory: its trajectory (snapshots, accuracies, Avg_Var).
+    :param run: the run's context (:class:`astkit.RunContext`): its folder
+        (``run.folder``, an :class:`astkit.RunFolder` naming every file), the
+        dataset's normalisation and class names, the enabled plugins.
     :param config: the run's configuration.
 
     Combination: every enabled plugin is called; return values are ignored.
@@ -271,7 +280,33 @@ def astkit_on_expert_trained(index: int, trajectory: Trajectory, config: RunConf
 
 
 @hookspec
-def astkit_on_iteration_end(metrics: IterationMetrics, images: torch.Tensor, config: RunConfig) -> None:
+def astkit_on_distill_start(
+    images: torch.Tensor, labels: torch.Tensor, iteration: int, run: RunContext, config: RunConfig
+) -> None:
+    """Distillation is about to start its first iteration (or to continue).
+
+    Called once per distillation, after the initial images are made by
+    ``astkit_init_synthetic`` or restored from a checkpoint on resume, right
+    before the first iteration runs (under torchrun, on rank 0).
+
+    :param images: the synthetic images distillation starts from, in the
+        dataset's normalised space, ``(N, C, H, W)`` (do not modify).
+    :param labels: their int64 labels, ``(N,)``.
+    :param iteration: the iteration distillation starts at: 0 on a fresh
+        run, the checkpoint's iteration after a resume.
+    :param run: the run's context (:class:`astkit.RunContext`): its folder
+        (``run.folder``), the dataset's ``mean``, ``std`` and ``zca``
+        tensors and ``class_names``, the enabled plugins.
+    :param config: the run's configuration.
+
+    Combination: every enabled plugin is called; return values are ignored.
+    """
+
+
+@hookspec
+def astkit_on_iteration_end(
+    metrics: IterationMetrics, images: torch.Tensor, run: RunContext, config: RunConfig
+) -> None:
     """A distillation iteration finished (the images and lr were updated).
 
     Called after every distillation iteration (under torchrun, on rank 0).
@@ -279,6 +314,7 @@ def astkit_on_iteration_end(metrics: IterationMetrics, images: torch.Tensor, con
     :param metrics: the iteration's numbers (``iteration``, ``loss``,
         ``lr``, ``start_epoch``, ``inner_weight``, ``seconds``, ...).
     :param images: the synthetic images after the update (do not modify).
+    :param run: the run's context (:class:`astkit.RunContext`).
     :param config: the run's configuration.
 
     Combination: every enabled plugin is called; return values are ignored.
@@ -286,7 +322,9 @@ def astkit_on_iteration_end(metrics: IterationMetrics, images: torch.Tensor, con
 
 
 @hookspec
-def astkit_on_evaluation_done(result: EvaluationResult, iteration: int | None, config: RunConfig) -> None:
+def astkit_on_evaluation_done(
+    result: EvaluationResult, iteration: int | None, run: RunContext, config: RunConfig
+) -> None:
     """An evaluation of a distilled set finished.
 
     Called after the periodic evaluations (``distill.eval_every``) and the
@@ -296,6 +334,7 @@ def astkit_on_evaluation_done(result: EvaluationResult, iteration: int | None, c
     :param result: accuracies per architecture (mean, std, every network).
     :param iteration: the distillation iteration evaluated, or ``None`` for
         the final evaluation.
+    :param run: the run's context (:class:`astkit.RunContext`).
     :param config: the run's configuration.
 
     Combination: every enabled plugin is called; return values are ignored.
@@ -303,7 +342,7 @@ def astkit_on_evaluation_done(result: EvaluationResult, iteration: int | None, c
 
 
 @hookspec
-def astkit_on_checkpoint_written(path: str, iteration: int, config: RunConfig) -> None:
+def astkit_on_checkpoint_written(path: str, iteration: int, run: RunContext, config: RunConfig) -> None:
     """A checkpoint or distilled-set file was written (atomically).
 
     Called after every checkpoint (``distill.checkpoint_every``, Ctrl-C, the
@@ -312,6 +351,7 @@ def astkit_on_checkpoint_written(path: str, iteration: int, config: RunConfig) -
 
     :param path: the file written.
     :param iteration: the iteration it holds.
+    :param run: the run's context (:class:`astkit.RunContext`).
     :param config: the run's configuration.
 
     Combination: every enabled plugin is called; return values are ignored.

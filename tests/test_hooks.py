@@ -20,8 +20,8 @@ TESTS = Path(__file__).parent
 
 def test_there_are_hooks_for_every_extension_point():
     for name in ("astkit_expert_loss", "astkit_init_synthetic", "astkit_inner_loss_weight",
-                 "astkit_matching_schedule", "astkit_perturb_expert", "astkit_on_iteration_end",
-                 "astkit_on_evaluation_done", "astkit_on_checkpoint_written"):
+                 "astkit_matching_schedule", "astkit_perturb_expert", "astkit_on_distill_start",
+                 "astkit_on_iteration_end", "astkit_on_evaluation_done", "astkit_on_checkpoint_written"):
         assert name in SPECS
 
 
@@ -209,12 +209,81 @@ def test_lifecycle_events_reach_enabled_plugins(tmp_path, digits):
     assert ("checkpoint", "checkpoint.safetensors", 2) in recorder.events
     assert ("checkpoint", "distilled.safetensors", 3) in recorder.events
     # events are also callable directly through the manager
-    engine.pm.hook.astkit_on_checkpoint_written(path="x.safetensors", iteration=9, config=engine.config)
+    run = engine.run_context
+    engine.pm.hook.astkit_on_checkpoint_written(path="x.safetensors", iteration=9, run=run, config=engine.config)
     assert recorder.events[-1] == ("checkpoint", "x.safetensors", 9)
-    engine.pm.hook.astkit_on_expert_trained(index=5, trajectory=engine.load_experts()[0], config=engine.config)
+    engine.pm.hook.astkit_on_expert_trained(index=5, trajectory=engine.load_experts()[0], run=run,
+                                            config=engine.config)
     assert recorder.events[-1] == ("expert", 5, 4)
-    engine.pm.hook.astkit_on_iteration_end(metrics=result.history[-1], images=result.distilled.images,
+    engine.pm.hook.astkit_on_iteration_end(metrics=result.history[-1], images=result.distilled.images, run=run,
                                            config=engine.config)
     assert recorder.events[-1] == ("iteration", 2, (20, 1, 8, 8))
-    engine.pm.hook.astkit_on_evaluation_done(result=result.evaluation, iteration=7, config=engine.config)
+    engine.pm.hook.astkit_on_evaluation_done(result=result.evaluation, iteration=7, run=run, config=engine.config)
     assert recorder.events[-1] == ("evaluation", 7, ["convnet"])
+
+
+class StartWatcher:
+    """Records what the init hook answered and what ``astkit_on_distill_start`` received;
+    ``stop_after`` raises Ctrl-C once that many iterations are done."""
+
+    astkit_plugin_name = "start-watcher"
+
+    def __init__(self, stop_after=None):
+        self.stop_after = stop_after
+        self.init = None
+        self.starts = []
+        self.runs = []
+
+    @hookimpl(wrapper=True)
+    def astkit_init_synthetic(self):
+        images, labels = answer = yield
+        self.init = (images.clone(), labels.clone())
+        return answer
+
+    @hookimpl
+    def astkit_on_distill_start(self, images, labels, iteration, run):
+        self.starts.append((images.clone(), labels.clone(), iteration, run))
+
+    @hookimpl
+    def astkit_on_iteration_end(self, metrics, run):
+        self.runs.append(run)
+        if self.stop_after is not None and metrics.iteration + 1 == self.stop_after:
+            raise KeyboardInterrupt
+
+
+def test_distill_start_gives_the_initial_set_and_the_run_context_fresh_and_after_a_resume(tmp_path, digits):
+    from astkit import Engine, RunFolder, store
+    from astkit.report import Reporter
+    from astkit.run_context import RunContext
+
+    config = tiny_config(tmp_path, "distill.iterations=4")
+    watcher = StartWatcher(stop_after=2)
+    engine = Engine(config, plugins=[watcher], dataset=digits)
+    experts = engine.train_experts()
+    with pytest.raises(KeyboardInterrupt):
+        engine.distill(experts)
+    (images, labels, iteration, run), = watcher.starts  # once, before the first iteration
+    assert iteration == 0
+    assert torch.equal(images, watcher.init[0]) and torch.equal(labels, watcher.init[1])
+    assert isinstance(run, RunContext) and run.folder == RunFolder.of(config)
+    assert run.folder.root == tmp_path / "run" and run.folder.checkpoint.is_file()
+    assert run.mean == tuple(digits.mean) and run.std == tuple(digits.std) and run.zca is None
+    assert run.class_names == tuple(digits.class_names)
+    assert all(r is run for r in watcher.runs)  # every event carries the same context
+
+    # resume in a new engine: the init hook is not called, the checkpoint's images start at its iteration
+    checkpoint, _ = store.load(run.folder.checkpoint, "checkpoint")
+    resumed, reporter = StartWatcher(), Reporter(grid_every=1, quiet=True)
+    engine = Engine(tiny_config(tmp_path, "distill.iterations=4"), plugins=[resumed, reporter], dataset=digits)
+    engine.distill(experts, resume=True)
+    (images, labels, iteration, run), = resumed.starts
+    assert resumed.init is None and iteration == 2
+    assert torch.equal(images, checkpoint["images"]) and torch.equal(labels, watcher.init[1])
+    assert not torch.equal(images, watcher.init[0])  # two iterations changed them
+    assert run.folder == RunFolder.of(engine.config)
+    # the reporter, a plain event plugin, draws the starting set and every later iteration in the run folder
+    assert [p.name for p in reporter.grids] == ["iter_000002.png", "iter_000003.png", "iter_000004.png"]
+    assert all(p.parent == run.folder.grids and p.read_bytes()[:4] == b"\x89PNG" for p in reporter.grids)
+    # the event is also callable directly through the manager
+    engine.pm.hook.astkit_on_distill_start(images=images, labels=labels, iteration=7, run=run, config=engine.config)
+    assert resumed.starts[-1][2] == 7 and reporter.grids[-1].name == "iter_000007.png"

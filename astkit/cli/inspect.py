@@ -243,17 +243,14 @@ def _summary(kind: str, meta: dict[str, Any], tensors: dict[str, Any]) -> list[t
 
 
 def _write_grid(tensors: dict[str, Any], meta: dict[str, Any], path: Path) -> Path:
-    from astkit.report import save_grid
+    from astkit.figures import save_distilled_grid
+    from astkit.results import DistilledSet
 
-    ds = meta.get("dataset") or {}
     zca = {k[4:]: v for k, v in tensors.items() if k.startswith("zca.")}
-    mean, std = ds.get("mean"), ds.get("std")
-    if ds.get("zca") and not zca:  # whitened, but the inverse is not in the file
-        mean = std = None
     iteration = meta.get("iteration", (meta.get("state") or {}).get("iteration"))
-    title = f"{ds.get('name', 'synthetic')}" + (f", iteration {iteration}" if iteration is not None else "")
-    return save_grid(tensors["images"], tensors["labels"], path, mean, std, zca or None,
-                     ds.get("class_names"), title=title)
+    lr = float(tensors["lr"].flatten()[0]) if "lr" in tensors else float("nan")
+    distilled = DistilledSet(tensors["images"], tensors["labels"].long().flatten(), lr, int(iteration or 0), meta, zca)
+    return save_distilled_grid(distilled, path)
 
 
 # ------------------------------------------------------- datasets, models

@@ -34,12 +34,12 @@ ExpertsDir = Annotated[Path | None, typer.Option(
 def make_engine(config: Any, opts: StageOptions, *, grid_every: int = 0):
     """An Engine with the rich progress bars and the Reporter plugin."""
     from astkit.engine import Engine
-    from astkit.report import Reporter, RichProgress
+    from astkit.report import Reporter
+    from astkit.rich_progress import RichProgress
 
     progress = RichProgress(common.err_console(), quiet=opts.quiet)
     reporter = Reporter(grid_every=grid_every, console=common.out_console(), quiet=opts.quiet)
     engine = Engine(config, plugins=[reporter], progress=progress)
-    reporter.bind(engine)
     return engine, reporter, progress
 
 
@@ -197,7 +197,7 @@ def experts(opts: StageOptions, resume: Annotated[bool, typer.Option(
     with interruptible(engine, progress):
         trajectories = engine.train_experts(indices) if indices else []
     reporter.add_experts(trajectories)
-    reporter.finish()
+    reporter.finish(run=engine.run_context, config=engine.config)  # no event when every expert was there
     accs = ", ".join(f"{t.test_accuracy[-1]:.4f}" for t in trajectories)
     print_lines([f"experts: {directory} ({len(trajectories)} trained" + (f", test acc {accs})" if accs else ")")])
 
