@@ -10,6 +10,7 @@ from astkit.config import (
     ModelConfig,
     RunConfig,
 )
+from astkit.data import RawData
 from astkit.engine import Engine
 from astkit.errors import AstkitError, DivergenceError, FileFormatError, PluginError, UserError
 from astkit.experts import ExpertBatch
@@ -26,6 +27,6 @@ from astkit.trajectory import ModelSpec, Trajectory
 __all__ = [
     "AstkitError", "AugmentConfig", "DataConfig", "DistillConfig", "DistilledSet", "DivergenceError", "Engine",
     "EvalConfig", "EvaluationResult", "ExpertBatch", "ExpertConfig", "FileFormatError", "IterationMetrics",
-    "MatchPoint", "ModelConfig", "ModelSpec", "PluginError", "Progress", "RunConfig", "RunFolder", "RunResult",
-    "Trajectory", "UserError", "__version__", "atomic_write", "hookimpl",
+    "MatchPoint", "ModelConfig", "ModelSpec", "PluginError", "Progress", "RawData", "RunConfig", "RunFolder",
+    "RunResult", "Trajectory", "UserError", "__version__", "atomic_write", "hookimpl",
 ]

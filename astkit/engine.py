@@ -43,6 +43,9 @@ class Engine:
     :param dataset: an already loaded :class:`astkit.data.Dataset` to use
         instead of ``config.data``.
     :param progress: receives progress of the long loops (default: silent).
+    :param plugin_set: the installed plugins, already discovered (the CLI
+        passes its own, so a command discovers them once); default: discover
+        them now.
     """
 
     def __init__(
@@ -52,11 +55,12 @@ class Engine:
         plugins: Iterable[Any] = (),
         dataset: Dataset | None = None,
         progress: Progress | None = None,
+        plugin_set: PluginSet | None = None,
     ):
         self.config = config if config is not None else RunConfig()
         self.config.validate()
         self.progress = progress or Progress()
-        self.plugin_set = PluginSet.discover()
+        self.plugin_set = plugin_set.copy() if plugin_set is not None else PluginSet.discover()
         extra = [self.plugin_set.add(p) for p in plugins]
         self.enabled = self.plugin_set.resolve([*self.config.plugins, *extra], self.config.disable)
         self.pm = self.plugin_set.manager(self.enabled)

@@ -224,7 +224,7 @@ def astkit_register_datasets(register: Callable[..., None]) -> None:
     Called when the dataset registry is built (each run, ``astkit datasets``).
 
     :param register: call ``register(name, loader)`` where
-        ``loader(root, download)`` returns an ``astkit.data.RawData``.
+        ``loader(root, download)`` returns an ``astkit.RawData``.
 
     Combination: every plugin is called; a name registered twice is an error.
     """

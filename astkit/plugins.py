@@ -87,6 +87,10 @@ class PluginSet:
             found.add(plugin)
         return found
 
+    def copy(self) -> "PluginSet":
+        """A set with the same plugins that can be added to without changing this one."""
+        return PluginSet(dict(self.available), list(self.failed))
+
     def add(self, plugin: Any, name: str | None = None) -> str:
         """Make a plugin object available under ``name`` (default: its own)."""
         name = name or getattr(plugin, "astkit_plugin_name", None) or getattr(plugin, "__name__", None)

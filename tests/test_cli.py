@@ -216,23 +216,50 @@ def test_plugins_lists_builtin_plugins_presets_and_options(workdir):
 
 
 def test_plugins_reports_a_plugin_that_failed_to_load(monkeypatch, capsys):
-    from astkit.cli import inspect as cli_inspect
     from astkit.plugins import FailedPlugin, PluginSet
 
-    real = PluginSet.discover
+    real = PluginSet.discover.__func__
 
-    def discover(*args, **kwargs):
-        found = real(*args, **kwargs)
+    def discover(cls, *args, **kwargs):
+        found = real(cls, *args, **kwargs)
         found.failed.append(FailedPlugin("broken-thing", "broken_pkg.module", "ImportError: no module named torchx"))
         return found
 
-    monkeypatch.setattr(cli_inspect, "_discover", lambda: discover())
+    monkeypatch.setattr(PluginSet, "discover", classmethod(discover))
     from astkit.cli import main
 
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "failed to load" in out and "broken-thing" in out and "broken_pkg.module" in out
     assert "torchx" in out
+
+
+def test_a_command_discovers_plugins_once_and_says_how_to_resume(monkeypatch, capsys, tmp_path):
+    """The CLI's PluginSet goes to the Engine (no second discovery), and the
+    "resume with:" line is built from this command's own arguments."""
+    from astkit.cli import main
+    from astkit.engine import Engine
+    from astkit.plugins import PluginSet
+
+    real, calls = PluginSet.discover.__func__, []
+
+    def discover(cls, *args, **kwargs):
+        calls.append(1)
+        return real(cls, *args, **kwargs)
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PluginSet, "discover", classmethod(discover))
+    monkeypatch.setattr(Engine, "train_experts", interrupted)
+    out = tmp_path / "run"
+    assert main(["experts", "--plugins", "ast", "--num-experts", "1", "--out", str(out), "-q"]) == 130
+    assert len(calls) == 1
+    err = capsys.readouterr().err
+    assert f"resume with: astkit experts --plugins ast --num-experts 1 --out {out} -q --resume" in err
+    calls.clear()
+    assert main(["datasets"]) == 0
+    assert len(calls) == 1
 
 
 def test_plugin_commands_are_added_and_a_broken_one_is_skipped(capsys):

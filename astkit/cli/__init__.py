@@ -2,8 +2,12 @@
 
 Commands: ``run`` (all stages), ``experts``, ``distill``, ``evaluate`` (see
 :mod:`astkit.cli.stages`); ``plugins``, ``show``, ``datasets``, ``models`` (see
-:mod:`astkit.cli.inspect`); plus any command an installed plugin adds with the
+:mod:`astkit.cli.inspection`); plus any command an installed plugin adds with the
 ``astkit_register_commands`` hook.
+
+Installed plugins are discovered once per command, by the command's
+:class:`astkit.cli.common.Session`, and that one ``PluginSet`` serves the
+help, plugin commands, the listings and the ``Engine``.
 
 ``main()`` is the console script: it returns the exit code (0 ok, 1 failure,
 2 user error, 130 interrupted) and prints errors as one ``error: ...`` line.
@@ -91,11 +95,15 @@ def register_plugin_commands(app: typer.Typer, found: Any) -> None:
             app.registered_commands.append(info)
 
 
-def build_app() -> typer.Typer:
-    """The Typer app: built-in commands, then the commands of installed plugins."""
-    from astkit.cli import inspect, stages
-    from astkit.plugins import PluginSet
+def build_app(session: common.Session | None = None) -> typer.Typer:
+    """The Typer app: built-in commands, then the commands of installed plugins.
 
+    ``session`` (default: one for ``sys.argv``) becomes the root context's
+    ``obj``, where commands find it (:func:`astkit.cli.common.session`).
+    """
+    from astkit.cli import inspection, stages
+
+    session = session if session is not None else common.Session()
     app = typer.Typer(
         name="astkit",
         help=HELP,
@@ -103,7 +111,7 @@ def build_app() -> typer.Typer:
         add_completion=False,
         rich_markup_mode="rich",
         pretty_exceptions_enable=False,
-        context_settings={"help_option_names": ["-h", "--help"]},
+        context_settings={"help_option_names": ["-h", "--help"], "obj": session},
     )
 
     @app.callback()
@@ -113,27 +121,21 @@ def build_app() -> typer.Typer:
     ) -> None:
         """Dataset distillation by trajectory matching (MTT) with AST's techniques as plugins."""
 
-    found = PluginSet.discover()
+    found = session.plugins
     stages.register(app, plugin_help_text(found))
-    inspect.register(app)
+    inspection.register(app)
     register_plugin_commands(app, found)
     return app
 
 
-def _command() -> Any:
-    return typer.main.get_command(build_app())
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit code."""
-    from astkit.cli import stages
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    stages.ARGV[:] = argv
+    session = common.Session(argv)
     if not common.wants_debug(argv):
         # raised inside torch by experts.py's float(loss); harmless and noisy
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
-    return common.invoke(_command, argv)
+    return common.invoke(lambda: typer.main.get_command(build_app(session)), argv)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,7 @@
-"""What every astkit command shares: consoles, the stage options, config
-building, and turning exceptions into one-line errors and exit codes.
+"""What every astkit command shares: the command's :class:`Session` (its
+argv and the installed plugins, discovered once), consoles, the stage
+options, config building, and turning exceptions into one-line errors and
+exit codes.
 
 Exit codes: 0 success, 1 divergence or an unexpected error, 2 a user error
 (bad option, unknown name, bad file), 130 interrupted (Ctrl-C).
@@ -28,6 +30,60 @@ EXIT_INTERRUPTED = 130
 PANEL_PLUGINS = "Plugins"
 PANEL_CONFIG = "Configuration"
 PANEL_OUTPUT = "Output"
+
+
+# ------------------------------------------------------------------ session
+class Session:
+    """One run of the command line: its arguments and the installed plugins.
+
+    ``build_app`` makes one per invocation and gives it to click as the root
+    context's ``obj``; commands reach it with :func:`session`. The plugins
+    are discovered once, on first use (``build_app`` uses them for the help
+    of ``--plugins`` and for plugin commands), and the same
+    :class:`astkit.plugins.PluginSet` goes to the ``Engine`` a stage command
+    makes and to the ``plugins``/``datasets``/``models`` listings.
+    """
+
+    def __init__(self, argv: list[str] | None = None, plugins: Any = None):
+        #: the arguments after ``astkit`` (for the "resume with:" line)
+        self.argv = list(sys.argv[1:] if argv is None else argv)
+        self._plugins = plugins
+
+    @property
+    def plugins(self) -> Any:
+        """Every installed plugin (a :class:`astkit.plugins.PluginSet`), discovered on first use."""
+        if self._plugins is None:
+            from astkit.plugins import PluginSet
+
+            self._plugins = PluginSet.discover()
+        return self._plugins
+
+
+def _current_context() -> Any:
+    """The click context of the running command (Typer's vendored click or click), or None."""
+    import importlib
+
+    for name in ("typer._click.globals", "click.globals"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        ctx = module.get_current_context(silent=True)
+        if ctx is not None:
+            return ctx
+    return None
+
+
+def session() -> Session:
+    """The running command's :class:`Session`; outside a command (a command
+    function called directly), a new one for ``sys.argv``."""
+    ctx = _current_context()
+    found = ctx.find_object(Session) if ctx is not None else None
+    if found is None:
+        found = Session()
+        if ctx is not None and ctx.obj is None:
+            ctx.find_root().obj = found
+    return found
 
 
 # ------------------------------------------------------------------ consoles
@@ -356,7 +412,8 @@ def build_config(opts: StageOptions, *, base: dict[str, Any] | None = None,
     return config
 
 
-def resume_command(argv: list[str]) -> str:
-    """The command line that was run, with ``--resume`` (once)."""
-    args = [a for a in argv if a != "--resume"]
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that was run (default: the running command's,
+    :attr:`Session.argv`), with ``--resume`` (once)."""
+    args = [a for a in (session().argv if argv is None else argv) if a != "--resume"]
     return shlex.join(["astkit", *args, "--resume"])

@@ -10,9 +10,6 @@ import typer
 from astkit.cli import common
 from astkit.cli.common import PANEL_CONFIG, PANEL_OUTPUT, StageOptions, with_stage_options
 
-#: argv of the running command, for the "how to resume" line (set by main)
-ARGV: list[str] = []
-
 GridEvery = Annotated[int, typer.Option(
     "--grid-every", metavar="N", min=0, rich_help_panel=PANEL_OUTPUT,
     help="Save OUT/grids/iter_NNNNNN.png every N iterations and the initial set (0: none).")]
@@ -39,7 +36,7 @@ def make_engine(config: Any, opts: StageOptions, *, grid_every: int = 0):
 
     progress = RichProgress(common.err_console(), quiet=opts.quiet)
     reporter = Reporter(grid_every=grid_every, console=common.out_console(), quiet=opts.quiet)
-    engine = Engine(config, plugins=[reporter], progress=progress)
+    engine = Engine(config, plugins=[reporter], progress=progress, plugin_set=common.session().plugins)
     return engine, reporter, progress
 
 
@@ -77,7 +74,7 @@ class interruptible:
                 where = f"checkpoint at iteration {state.get('iteration')} in {checkpoint}; "
             except Exception:  # noqa: BLE001 - the hint is best effort
                 where = ""
-        raise common.Interrupted(f"interrupted; {where}resume with: {common.resume_command(ARGV)}") from None
+        raise common.Interrupted(f"interrupted; {where}resume with: {common.resume_command()}") from None
 
 
 def accuracy_lines(evaluation: Any, grid: Path | None = None) -> list[str]:

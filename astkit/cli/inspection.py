@@ -19,12 +19,6 @@ def _first_line(obj: Any) -> str:
     return doc.splitlines()[0].strip() if doc else ""
 
 
-def _discover():
-    from astkit.plugins import PluginSet
-
-    return PluginSet.discover()
-
-
 # ----------------------------------------------------------------- plugins
 def plugins(
     plugins: Annotated[list[str] | None, typer.Option(
@@ -51,7 +45,7 @@ def plugins(
 
     from astkit.config import RunConfig
 
-    found = _discover()
+    found = common.session().plugins
     chosen = RunConfig.from_dict(common.read_toml(config)) if config is not None else RunConfig()
     selection = [*chosen.plugins, *common.split_names(plugins), *[x.strip() for x in p or [] if x.strip()]]
     blocked = [*chosen.disable, *common.split_names(disable)]
@@ -279,7 +273,7 @@ def datasets() -> None:
     from astkit.data import BUILTIN_DATASETS, describe_dataset
     from astkit.plugins import collect_registrations
 
-    found = _discover()
+    found = common.session().plugins
     registry = collect_registrations(found.catalog(), "dataset", BUILTIN_DATASETS)
     owners = _owners(found, "dataset")
     table = Table(title="Datasets (--dataset NAME)", title_justify="left")
@@ -302,7 +296,7 @@ def models() -> None:
     from astkit.models import BUILTIN_MODELS, describe_model, model_options
     from astkit.plugins import collect_registrations
 
-    found = _discover()
+    found = common.session().plugins
     registry = collect_registrations(found.catalog(), "model", BUILTIN_MODELS)
     owners = _owners(found, "model")
     table = Table(title="Models (--set model.name=NAME, evaluate --models A,B)", title_justify="left")
