@@ -18,6 +18,7 @@ from astkit.hookspecs import hookimpl
 from astkit.matching import MatchPoint
 from astkit.progress import Progress
 from astkit.results import DistilledSet, EvaluationResult, IterationMetrics, RunResult
+from astkit.run_context import RunContext
 from astkit.run_folder import RunFolder
 from astkit.store import atomic_write
 from astkit.trajectory import ModelSpec, Trajectory
@@ -27,6 +28,6 @@ from astkit.trajectory import ModelSpec, Trajectory
 __all__ = [
     "AstkitError", "AugmentConfig", "DataConfig", "DistillConfig", "DistilledSet", "DivergenceError", "Engine",
     "EvalConfig", "EvaluationResult", "ExpertBatch", "ExpertConfig", "FileFormatError", "IterationMetrics",
-    "MatchPoint", "ModelConfig", "ModelSpec", "PluginError", "Progress", "RawData", "RunConfig", "RunFolder",
+    "MatchPoint", "ModelConfig", "ModelSpec", "PluginError", "Progress", "RawData", "RunConfig", "RunContext", "RunFolder",
     "RunResult", "Trajectory", "UserError", "__version__", "atomic_write", "hookimpl",
 ]

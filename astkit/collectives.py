@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from astkit import distributed
+from astkit.errors import UserError
+
 
 class _SumForward(torch.autograd.Function):
     """``all_reduce(SUM)`` forward, identity backward."""
@@ -64,6 +67,31 @@ class BatchShard:
 
     rank: int
     world_size: int
+
+    @classmethod
+    def plan(cls, module: torch.nn.Module, n: int, batch_syn: int | None) -> "BatchShard | None":
+        """This rank's share when ``n`` synthetic images are unrolled in mini-batches
+        of ``batch_syn`` (None: all) under torchrun; None in a single process.
+
+        Refuses batch norm (its statistics couple the ranks' rows) and a
+        mini-batch smaller than the number of processes.
+        """
+        world = distributed.world_size()
+        if world == 1:
+            return None
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+            raise UserError(
+                "distillation across processes needs a model without batch norm (its statistics couple the "
+                "ranks' rows); set model.norm=instancenorm or run distill in one process"
+            )
+        size = min(batch_syn or n, n)
+        batch = min(size, n % size or size)  # MTT's chunks: the last one may be smaller
+        if batch < world:
+            raise UserError(
+                f"distillation across {world} processes needs a synthetic mini-batch of at least {world} "
+                f"images, this run has {batch}; raise distill.batch_syn or use fewer processes"
+            )
+        return cls(distributed.rank(), world)
 
     def rows(self, n: int) -> slice:
         """The rows of an ``n``-row batch that this rank processes."""

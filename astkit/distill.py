@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from astkit import store
 from astkit.augment import DSA
 from astkit.config import RunConfig
-from astkit.errors import DivergenceError, FileFormatError, UserError
+from astkit.checkpoint import Checkpoint
+from astkit.errors import DivergenceError, UserError
 from astkit.functional import FlatModel
 from astkit.interrupts import deferred_interrupt
 from astkit.matching import matching_loss, unroll, validate_schedule
@@ -278,57 +278,51 @@ class Distiller:
             meta, dict(zca or {})
         )
 
-    def save_checkpoint(self, path: str | Path, meta: dict[str, Any]) -> Path:
-        tensors = {
-            "images": self.images.detach(),
-            "labels": self.labels,
-            "lr": self.lr.detach().reshape(1),
-            "generator_state": self.generator.get_state(),
-            "torch_rng_state": torch.get_rng_state(),
-        }
+    def checkpoint(self, meta: dict[str, Any]) -> Checkpoint:
+        """The state to continue from, as a :class:`~astkit.checkpoint.Checkpoint`."""
+        momentum = {}
         for name, opt, param in (("img", self.opt_img, self.images), ("lr", self.opt_lr, self.lr)):
             buf = opt.state.get(param, {}).get("momentum_buffer")
             if buf is not None:
-                tensors[f"momentum.{name}"] = buf.reshape(-1) if name == "lr" else buf
+                momentum[name] = buf
         state = {
             "iteration": self.iteration,
             "failures": self.failures,
             "lr_img": self.lr_img,
             "image_scale": self.image_scale,
             "evaluated": self.evaluated,
-            "expert_order": self.expert_order,
+            "expert_order": list(self.expert_order),
             "history": [m.to_json() for m in self.history],
         }
-        return store.save(path, "checkpoint", tensors, {**meta, "state": state})
+        return Checkpoint(self.images.detach(), self.labels, self.lr.detach(), self.generator.get_state(),
+                          torch.get_rng_state(), state, momentum, meta)
 
-    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
-        """Restore images, lr, optimiser momenta, RNG and counters."""
-        tensors, meta = store.load(path, "checkpoint")
-        try:
-            state = meta["state"]
-            images, lr = tensors["images"], tensors["lr"][0]
-            generator_state, rng_state = tensors["generator_state"], tensors["torch_rng_state"]
-            lr_img = float(state["lr_img"])
-        except (KeyError, IndexError) as exc:
-            raise FileFormatError(f"{path}: checkpoint is missing {exc}; start without --resume") from None
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint``: images, lr, optimiser momenta, random states, counters."""
+        state = checkpoint.state
         with torch.no_grad():
-            self.images.copy_(images.to(self.device))
-            self.lr.copy_(lr)
-        self.generator.set_state(generator_state)
-        torch.set_rng_state(rng_state)
-        self.lr_img = lr_img
+            self.images.copy_(checkpoint.images.to(self.device))
+            self.lr.copy_(checkpoint.lr)
+        self.generator.set_state(checkpoint.generator_state)
+        torch.set_rng_state(checkpoint.torch_rng_state)
+        self.lr_img = float(state["lr_img"])
         self.image_scale = float(state.get("image_scale", self.image_scale))
         for group in self.opt_img.param_groups:
             group["lr"] = self.lr_img
         for name, opt, param in (("img", self.opt_img, self.images), ("lr", self.opt_lr, self.lr)):
-            key = f"momentum.{name}"
-            if key in tensors:
-                buf = tensors[key].to(self.device)
+            if name in checkpoint.momentum:
+                buf = checkpoint.momentum[name].to(self.device, copy=True)
                 opt.state[param]["momentum_buffer"] = buf.reshape(param.shape)
-        self.iteration = int(state["iteration"])
+        self.iteration = checkpoint.iteration
         self.failures = int(state["failures"])
         self.evaluated = int(state.get("evaluated", self.iteration))  # older checkpoints: treat as made
         self.expert_order = [int(i) for i in state["expert_order"]]
         self.history = [IterationMetrics(**m) for m in state["history"]]
-        return meta
 
+    def save_checkpoint(self, path: str | Path, meta: dict[str, Any]) -> Path:
+        return self.checkpoint(meta).save(path)
+
+    def load_checkpoint(self, path: str | Path) -> Checkpoint:
+        checkpoint = Checkpoint.load(path)
+        self.restore(checkpoint)
+        return checkpoint

@@ -8,28 +8,32 @@
 
 from __future__ import annotations
 
-import json
+import copy
+
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from astkit import _defaults, allocator, distributed, store
+from astkit import _defaults, distributed, process, store
 from astkit.augment import DSA, build_augmentation
+from astkit.checkpoint import Checkpoint
 from astkit.collectives import BatchShard
 from astkit.config import RunConfig
 from astkit.data import BUILTIN_DATASETS, Dataset, load_dataset
 from astkit.distill import Distiller
-from astkit.errors import DivergenceError, FileFormatError, UserError
+from astkit.errors import DivergenceError, UserError
 from astkit.evaluate import train_on_synthetic
 from astkit.experts import expert_seed, train_expert
 from astkit.functional import FlatModel
+from astkit.metrics_log import MetricsLog
 from astkit.models import BUILTIN_MODELS
 from astkit.plugins import GuardedHooks, PluginSet, collect_registrations, declared_options
 from astkit.progress import Progress
 from astkit.results import ArchitectureResult, DistilledSet, EvaluationResult, RunResult
 from astkit.run_context import RunContext
+from astkit.run_folder import RunFolder
 from astkit.trajectory import ModelSpec, Trajectory
 
 
@@ -57,7 +61,8 @@ class Engine:
         progress: Progress | None = None,
         plugin_set: PluginSet | None = None,
     ):
-        self.config = config if config is not None else RunConfig()
+        #: the run's configuration: a copy of the caller's, with plugin options resolved
+        self.config = copy.deepcopy(config) if config is not None else RunConfig()
         self.config.validate()
         self.progress = progress or Progress()
         self.plugin_set = plugin_set.copy() if plugin_set is not None else PluginSet.discover()
@@ -78,11 +83,7 @@ class Engine:
                 f"unknown dataset {self.config.data.dataset!r}; known datasets: {', '.join(sorted(self.datasets))}"
             )
         self._dataset = dataset
-        self.device = distributed.local_device(resolve_device(self.config.device))
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # NCCL uses the current device
-        allocator.configure(self.config.allocator)
-        distributed.init(self.device)
+        self.device = process.setup(self.config)
         if distributed.rank() != 0:  # only rank 0 shows progress
             self.progress = Progress()
         a = self.config.augment
@@ -90,8 +91,13 @@ class Engine:
 
     # ------------------------------------------------------------- basics
     @property
+    def folder(self) -> RunFolder:
+        """Every path of the run (``out``, ``experts.dir``)."""
+        return RunFolder.of(self.config)
+
+    @property
     def out(self) -> Path:
-        return Path(self.config.out)
+        return self.folder.root
 
     @property
     def is_main(self) -> bool:
@@ -134,21 +140,29 @@ class Engine:
 
     # ----------------------------------------------------------- stage 1
     def experts_dir(self) -> Path:
-        return Path(self.config.experts.dir) if self.config.experts.dir else self.out / "experts"
+        return self.folder.experts
 
-    def train_experts(self, indices: Iterable[int] | None = None) -> list[Trajectory]:
+    def train_experts(self, indices: Iterable[int] | None = None, *, resume: bool = False) -> list[Trajectory]:
         """Train experts (all, or those in ``indices``) and write one file each.
 
-        Under ``torchrun`` each rank trains its share (``i % world_size ==
-        rank``) and, once all ranks are done, every rank returns all of them.
+        ``resume=True`` trains only those whose file is missing (an expert cut
+        short by Ctrl-C is trained again from its own seed) and returns only
+        those. Under ``torchrun`` each rank trains its share (``i % world_size
+        == rank``) and, once all ranks are done, every rank returns all of them.
         """
         e = self.config.experts
         indices = list(range(e.num_experts)) if indices is None else list(indices)
+        if resume:
+            missing = self.folder.missing_experts(indices)
+            if len(missing) < len(indices):
+                self.progress.log(f"resuming: {len(indices) - len(missing)} of {len(indices)} experts already in "
+                                  f"{self.folder.experts}")
+            indices = missing
         self.check_kept_experts(indices)  # before any training: the folder must not mix two models
         if distributed.world_size() > 1:
             self._train_experts(distributed.my_share(indices))
             distributed.barrier()
-            trajectories = [Trajectory.load(self.experts_dir() / f"expert_{i:03d}.safetensors") for i in indices]
+            trajectories = [Trajectory.load(self.folder.expert(i)) for i in indices]
             for trajectory in trajectories:
                 trajectory.registry = self.models
             return trajectories
@@ -156,7 +170,6 @@ class Engine:
 
     def _train_experts(self, indices: list[int]) -> list[Trajectory]:
         e = self.config.experts
-        directory = self.experts_dir()
         trajectories = []
         for index in indices:
             task = f"expert {index + 1}/{e.num_experts}"
@@ -169,7 +182,7 @@ class Engine:
             self.progress.stop("expert")
             trajectory.registry = self.models
             trajectory.meta.update(plugins=self.plugin_set.versions(self.enabled), config=self.config.to_dict())
-            trajectory.save(directory / f"expert_{index:03d}.safetensors")
+            trajectory.save(self.folder.expert(index))
             self.hooks.astkit_on_expert_trained(index=index, trajectory=trajectory, run=self.run_context,
                                                 config=self.config)
             self.progress.log(
@@ -180,10 +193,10 @@ class Engine:
 
     def load_experts(self, directory: str | Path | None = None) -> list[Trajectory]:
         """Read every ``*.safetensors`` trajectory of a folder and check it fits."""
-        directory = Path(directory) if directory is not None else self.experts_dir()
+        directory = Path(directory) if directory is not None else self.folder.experts
         if directory.exists() and not directory.is_dir():
             raise UserError(f"the experts folder {directory} is a file; point experts.dir (--experts) at a folder of expert files")
-        files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+        files = RunFolder(self.out, directory).expert_files()
         if not files:
             raise UserError(f"no expert trajectories in {directory}; run `astkit experts` first or set experts.dir")
         return [self._load_expert(f) for f in files]
@@ -196,14 +209,8 @@ class Engine:
 
     def check_expert(self, trajectory: Trajectory, path: Path | str = "expert") -> None:
         """Raise if a trajectory was made for another model, data or is too short."""
-        self.check_recorded({**trajectory.meta, "model": trajectory.model.to_json()}, path)
         d = self.config.distill
-        if trajectory.num_epochs < d.max_start_epoch - 1 + d.expert_epochs:
-            raise UserError(
-                f"{path}: has {trajectory.num_epochs} epochs, but the last start epoch "
-                f"({d.max_start_epoch - 1}) + expert_epochs ({d.expert_epochs}) goes beyond; "
-                "lower distill.max_start_epoch"
-            )
+        trajectory.check_fits(self.model_spec, self.dataset, d.max_start_epoch, d.expert_epochs, path)
 
     # ------------------------------------------------------- early checks
     def check_evaluation_models(self, names: Iterable[str] | None = None, key: str = "evaluate.models") -> None:
@@ -229,86 +236,30 @@ class Engine:
         evaluation network on its shapes (bad model options fail here) and
         checks ``distill.ipc`` against the smallest class.
         """
-        for key, folder in (("out", self.out), ("experts.dir", self.experts_dir())):
-            blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
-            if blocker is not None and not blocker.is_dir():
-                raise UserError(f"{key} {folder}: {blocker} is a file, not a folder; remove it or choose another folder")
+        self.folder.check_folders()
         self.check_ipc()
         spec, ds = self.model_spec, self.dataset
         for name in self.config.evaluate.models:
             if name != spec.name:
                 ModelSpec(name, ds.channels, ds.num_classes, tuple(ds.image_size)).build(self.models)
 
-    def check_recorded(self, meta: dict[str, Any], path: Path | str, *, kind: str = "expert") -> None:
-        """A file's recorded model (name, options, channels, image size, classes) and
-        data are this run's; from its metadata alone (nothing is trained or loaded)."""
-        try:
-            recorded = ModelSpec.from_json(meta["model"])
-        except (KeyError, TypeError, ValueError):
-            raise FileFormatError(f"{path}: the {kind} file records no model; the file is damaged or from another tool") from None
-        spec = self.model_spec
-        if recorded != spec:
-            fix = ("point experts.dir at matching experts or retrain them" if kind == "expert"
-                   else "resume with the config the checkpoint was made with, or start without --resume")
-            raise FileFormatError(f"{path}: made for {_describe(recorded)}, this run uses {_describe(spec)}; {fix}")
-        made_on = meta.get("dataset") or {}
-        if not isinstance(made_on, dict):
-            raise FileFormatError(f"{path}: the {kind} file's dataset record is damaged; use an intact copy")
-        if made_on.get("name") and made_on["name"] != self.dataset.name:
-            raise FileFormatError(f"{path}: made from {made_on['name']}, this run uses {self.dataset.name}; use a {kind} of this dataset")
-        if "zca" in made_on and bool(made_on["zca"]) != (self.dataset.zca is not None):
-            raise FileFormatError(
-                f"{path}: made {'with' if made_on['zca'] else 'without'} ZCA whitening; set data.zca to match"
-            )
-
     def check_kept_experts(self, training: Iterable[int]) -> None:
         """Before training experts ``training`` into the experts folder: every other
         expert file there (kept by --resume or --only) fits this run, so the folder
         never mixes two models; from the files' metadata alone."""
-        directory = self.experts_dir()
+        directory = self.folder.experts
         if directory.exists() and not directory.is_dir():
             raise UserError(f"the experts folder {directory} is a file; remove it or set experts.dir to a folder")
         if not directory.is_dir():
             return
-        written = {f"expert_{i:03d}.safetensors" for i in training}
-        for path in sorted(directory.glob("*.safetensors")):
-            if path.name in written:
-                continue
-            meta = store.read_metadata(path)
-            if meta.get("kind") != "trajectory":
-                raise FileFormatError(
-                    f"{path}: an astkit {meta.get('kind')} file in the experts folder; move it out (the folder holds expert trajectories only)"
-                )
-            self.check_recorded(meta, path)
-            epochs = meta.get("num_epochs")
-            if isinstance(epochs, int) and epochs != self.config.experts.epochs:
-                raise FileFormatError(
-                    f"{path}: an expert of {epochs} epochs, this run trains {self.config.experts.epochs}; "
-                    f"set experts.epochs={epochs} or use another experts folder"
-                )
+        written = {self.folder.expert(i) for i in training}
+        for path in self.folder.expert_files():
+            if path not in written:
+                Trajectory.check_file(path, self.model_spec, self.dataset, self.config.experts.epochs)
 
     def check_checkpoint(self, path: Path | str) -> None:
-        """Before resuming from ``path``: it is a checkpoint of this run's model,
-        data and ``distill.ipc``; from its metadata alone."""
-        path = Path(path)
-        if path.is_dir():
-            raise UserError(f"the checkpoint {path} is a folder; remove it or start without --resume")
-        if not path.is_file():
-            raise UserError(f"nothing to resume: no {path}; run without --resume")
-        meta = store.read_metadata(path)
-        if meta.get("kind") != "checkpoint":
-            raise FileFormatError(f"{path}: expected an astkit checkpoint, this one holds a {meta.get('kind')}; start without --resume")
-        self.check_recorded(meta, path, kind="checkpoint")
-        recorded = ((meta.get("config") or {}).get("distill") or {}).get("ipc")
-        if isinstance(recorded, int) and recorded != self.config.distill.ipc:
-            ds = self.dataset
-            shape = (ds.channels, *ds.image_size)
-            found, expected = (recorded * ds.num_classes, *shape), (self.config.distill.ipc * ds.num_classes, *shape)
-            raise FileFormatError(
-                f"{path}: holds images {found}, this run makes {expected} (distill.ipc {recorded}, not "
-                f"{self.config.distill.ipc}); "
-                f"set distill.ipc={recorded} to resume, or start without --resume"
-            )
+        """Before resuming from ``path``: a checkpoint of this run's model, data and ipc."""
+        Checkpoint.check_file(path, self.model_spec, self.dataset, self.config.distill.ipc)
 
     # ----------------------------------------------------------- stage 2
     def init_synthetic(self, experts: list[Trajectory], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,24 +279,24 @@ class Engine:
 
     def make_distiller(self, experts: list[Trajectory], checkpoint: Path | None = None) -> Distiller:
         """A distiller at iteration 0 (images from the init hook), or restored
-        from ``checkpoint`` (the init hook is then not called)."""
+        from the ``checkpoint`` file (the init hook is then not called)."""
         for trajectory in experts:
             self.check_expert(trajectory)
             if trajectory.registry is None:
                 trajectory.registry = self.models
         generator = torch.Generator().manual_seed(self.config.seed)
         torch.manual_seed(self.config.seed)
+        saved = None
         if checkpoint is None:
             images, labels = self.init_synthetic(experts, generator)
         else:
-            tensors, _ = store.load(checkpoint, "checkpoint")
-            images, labels = tensors.get("images"), tensors.get("labels")
+            saved = Checkpoint.load(checkpoint)
+            images, labels = saved.images, saved.labels
             ds, ipc = self.dataset, self.config.distill.ipc
             expected = (ipc * ds.num_classes, ds.channels, *ds.image_size)
-            if images is None or labels is None or tuple(images.shape) != expected:
-                found = "no images" if images is None else f"images {tuple(images.shape)}"
+            if tuple(images.shape) != expected or labels.shape != (expected[0],):
                 raise UserError(
-                    f"{checkpoint}: holds {found}, this run makes {expected}; "
+                    f"{checkpoint}: holds images {tuple(images.shape)}, this run makes {expected}; "
                     "resume with the config the checkpoint was made with"
                 )
         module = self.model_spec.build(self.models).to(self.device)
@@ -356,27 +307,14 @@ class Engine:
             with torch.no_grad():
                 shard.broadcast_(distiller.images.data)
             distiller.image_scale = max(float(distiller.images.detach().abs().max()), 1.0)
+        if saved is not None:
+            distiller.restore(saved)
         return distiller
 
     def _batch_shard(self, module: torch.nn.Module) -> BatchShard | None:
         """Under torchrun: this rank's share of every synthetic mini-batch."""
-        world = distributed.world_size()
-        if world == 1:
-            return None
-        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
-            raise UserError(
-                "distillation across processes needs a model without batch norm (its statistics couple the "
-                "ranks' rows); set model.norm=instancenorm or run distill in one process"
-            )
-        d, n = self.config.distill, self.config.distill.ipc * self.dataset.num_classes
-        size = min(d.batch_syn or n, n)
-        batch = min(size, n % size or size)  # MTT's chunks: the last one may be smaller
-        if batch < world:
-            raise UserError(
-                f"distillation across {world} processes needs a synthetic mini-batch of at least {world} "
-                f"images, this run has {batch}; raise distill.batch_syn or use fewer processes"
-            )
-        return BatchShard(distributed.rank(), world)
+        d = self.config.distill
+        return BatchShard.plan(module, d.ipc * self.dataset.num_classes, d.batch_syn)
 
     def distill(self, experts: list[Trajectory] | None = None, *, resume: bool | str | Path = False) -> DistilledSet:
         """Run ``distill.iterations`` iterations; return the distilled set.
@@ -395,17 +333,16 @@ class Engine:
         d = self.config.distill
         path = None
         if resume:
-            path = self.out / "checkpoint.safetensors" if resume is True else Path(resume)
+            path = self.folder.checkpoint if resume is True else Path(resume)
             self.check_checkpoint(path)
         distiller = self.make_distiller(experts, path)
         if path is not None:
-            distiller.load_checkpoint(path)
             self.progress.log(f"resumed from {path} at iteration {distiller.iteration}")
         main = self.is_main
         if main:
-            store.make_dir(self.out)
-            store.atomic_write_text(self.out / "config.toml", self.config.to_toml())
-            log = MetricsLog(self.out / "metrics.jsonl", [m.to_json() for m in distiller.history],
+            self.folder.create()
+            store.atomic_write_text(self.folder.config, self.config.to_toml())
+            log = MetricsLog(self.folder.metrics, [m.to_json() for m in distiller.history],
                              keep_evaluations=path is not None)
         else:
             log = MetricsLog(None)
@@ -444,13 +381,13 @@ class Engine:
             raise
         except DivergenceError:
             if main:
-                distiller.distilled(meta, self._zca()).save(self.out / "distilled.safetensors")
+                distiller.distilled(meta, self._zca()).save(self.folder.distilled)
             self._checkpoint(distiller, meta)
             raise
         finally:
             self.progress.stop("distill")
         distilled = distiller.distilled(meta, self._zca())
-        saved = distilled.save(self.out / "distilled.safetensors") if main else None
+        saved = distilled.save(self.folder.distilled) if main else None
         self._checkpoint(distiller, meta)
         if main:
             self.hooks.astkit_on_checkpoint_written(path=str(saved), iteration=distilled.iteration, run=self.run_context,
@@ -472,7 +409,7 @@ class Engine:
     def _checkpoint(self, distiller: Distiller, meta: dict[str, Any]) -> None:
         if not self.is_main:
             return
-        path = distiller.save_checkpoint(self.out / "checkpoint.safetensors", meta)
+        path = distiller.save_checkpoint(self.folder.checkpoint, meta)
         self.hooks.astkit_on_checkpoint_written(path=str(path), iteration=distiller.iteration, run=self.run_context,
                                                 config=self.config)
 
@@ -505,7 +442,7 @@ class Engine:
     def _evaluate(self, distilled: DistilledSet, models: list[str] | None, iteration: int | None) -> EvaluationResult:
         v, ds = self.config.evaluate, self.dataset
         names = models or v.models or [self.config.model.name]
-        self._check_distilled(distilled)
+        distilled.check_fits(self.dataset)
         lr = v.lr if v.lr is not None else distilled.lr
         results = {}
         for name in names:
@@ -536,109 +473,27 @@ class Engine:
                                                  config=self.config)
         return result
 
-    def _check_distilled(self, distilled: DistilledSet) -> None:
-        ds = self.dataset
-        made_on = distilled.meta.get("dataset", {}).get("name")
-        if made_on and made_on != ds.name:
-            raise FileFormatError(f"the distilled set was made from {made_on}, this run tests on {ds.name}; pass --dataset {made_on}")
-        if tuple(distilled.images.shape[1:]) != (ds.channels, *ds.image_size):
-            raise FileFormatError(
-                f"distilled images are {tuple(distilled.images.shape[1:])}, {ds.name} has "
-                f"{(ds.channels, *ds.image_size)}; evaluate on the dataset it was distilled from"
-            )
-        if int(distilled.labels.max()) >= ds.num_classes:
-            raise FileFormatError(f"distilled labels exceed the {ds.num_classes} classes of {ds.name}; evaluate on the dataset it was distilled from")
-        if bool(distilled.zca) != (ds.zca is not None):
-            raise FileFormatError("the distilled set and this run disagree on ZCA whitening; set data.zca to match")
-
     # ---------------------------------------------------------------- all
     def run(self, *, resume: bool = False) -> RunResult:
         """Experts (trained, or loaded from ``experts.dir``), distillation, evaluation.
 
         ``resume=True`` keeps the expert files already written (training only
         the missing ones) and continues distillation from the checkpoint if
-        there is one.
+        there is one. The final evaluation is recorded in ``metrics.jsonl``.
         """
         self.config.check_expert_length()
         self.check_inputs()  # data, ipc, models: refused before any expert is trained
         self._batch_shard(self.model_spec.build(self.models))  # refuse a bad torchrun setup before training
-        if resume and (self.out / "checkpoint.safetensors").exists():
-            self.check_checkpoint(self.out / "checkpoint.safetensors")
-        if self.config.experts.dir:
-            experts = self.load_experts()
-        elif resume:
-            missing = [i for i in range(self.config.experts.num_experts)
-                       if not (self.experts_dir() / f"expert_{i:03d}.safetensors").is_file()]
-            self.train_experts(missing)
-            experts = self.load_experts()
-        else:
-            experts = self.train_experts()
-        checkpoint = self.out / "checkpoint.safetensors"
+        checkpoint = self.folder.checkpoint
+        if resume and checkpoint.exists():
+            self.check_checkpoint(checkpoint)
+        if not self.config.experts.dir:
+            self.train_experts(resume=resume)
+        experts = self.load_experts()
+        if resume and not checkpoint.is_file():
+            self.progress.log(f"no checkpoint in {self.out}; distilling from the start")
         distilled = self.distill(experts, resume=resume and checkpoint.is_file())
         evaluation = self.evaluate(distilled)
         if self.is_main:
-            MetricsLog(self.out / "metrics.jsonl").write({"event": "final_evaluation", **evaluation.to_json()})
+            MetricsLog(self.folder.metrics).write({"event": "final_evaluation", **evaluation.to_json()})
         return RunResult(experts, distilled, evaluation, list(self.history), self.out)
-
-
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, appended as a run goes
-    (``path=None``: a log that writes nothing, for ranks other than 0).
-
-    ``restart_from`` (the distiller's iteration history) rewrites the file
-    with those iterations, dropping records of iterations a resumed run
-    will redo; ``keep_evaluations`` keeps the file's evaluation records up
-    to the last of those iterations.
-    """
-
-    def __init__(self, path: Path | None, restart_from: list[dict] | None = None, *,
-                 keep_evaluations: bool = False):
-        self.path = path
-        if path is not None and restart_from is not None:
-            done = len(restart_from)
-            evaluations = [r for r in self._records() if r.get("event") == "evaluation"
-                           and isinstance(r.get("iteration"), int) and r["iteration"] <= done] if keep_evaluations else []
-            records = [{"event": "iteration", **m} for m in restart_from] + evaluations
-            records.sort(key=lambda r: (r["iteration"] + (-0.5 if r["event"] == "evaluation" else 0)))
-            store.atomic_write_text(path, "".join(store.json_line(r) + "\n" for r in records))
-
-    def _records(self) -> list[dict]:
-        """The file's records that parse (a line cut by a kill is skipped;
-        non-finite numbers are ``null``)."""
-        if self.path is None or not self.path.is_file():
-            return []
-        records = []
-        for line in self.path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append ``record`` as one whole line of strict JSON (NaN/Infinity as
-        ``null``); a full disk leaves the file as it was (a one-line error)."""
-        if self.path is None:
-            return
-        store.append_line(self.path, store.json_line(record))
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:1``, ``mps`` or ``auto`` (the best available)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda requested but no CUDA GPU is available; use --device cpu")
-    return device
-
-
-def _describe(spec: ModelSpec) -> str:
-    options = ",".join(f"{k}={v}" for k, v in sorted(spec.options.items()))
-    size = "x".join(str(s) for s in spec.image_size)
-    return f"{spec.name}({options}) on {spec.channels}x{size} images, {spec.num_classes} classes"

@@ -1,7 +1,7 @@
 """How the engine reports progress of its long loops, without printing itself.
 
 The engine calls a :class:`Progress`; the default does nothing. The CLI
-passes :class:`astkit.report.RichProgress`, which draws rich progress bars.
+passes :class:`astkit.rich_progress.RichProgress`, which draws rich progress bars.
 """
 
 from __future__ import annotations

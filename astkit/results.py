@@ -12,6 +12,9 @@ import torch
 from astkit import store
 from astkit.errors import FileFormatError
 
+#: distilled files store the whitening tensors under this prefix
+ZCA_PREFIX = "zca."
+
 
 @dataclass
 class IterationMetrics:
@@ -60,8 +63,29 @@ class DistilledSet:
 
     def save(self, path: str | Path) -> Path:
         tensors = {"images": self.images, "labels": self.labels, "lr": torch.tensor([self.lr])}
-        tensors.update({f"zca.{k}": v for k, v in self.zca.items()})
+        tensors.update({ZCA_PREFIX + k: v for k, v in self.zca.items()})
         return store.save(path, "distilled", tensors, {**self.meta, "iteration": self.iteration, "lr": self.lr})
+
+    def check_fits(self, dataset: Any) -> None:
+        """Raise unless the set can be evaluated on ``dataset`` (its name, image
+        shape, classes and ZCA whitening)."""
+        made_on = self.meta.get("dataset", {}).get("name")
+        if made_on and made_on != dataset.name:
+            raise FileFormatError(f"the distilled set was made from {made_on}, this run tests on {dataset.name}; pass --dataset {made_on}")
+        if tuple(self.images.shape[1:]) != (dataset.channels, *dataset.image_size):
+            raise FileFormatError(
+                f"distilled images are {tuple(self.images.shape[1:])}, {dataset.name} has "
+                f"{(dataset.channels, *dataset.image_size)}; evaluate on the dataset it was distilled from"
+            )
+        if int(self.labels.max()) >= dataset.num_classes:
+            raise FileFormatError(f"distilled labels exceed the {dataset.num_classes} classes of {dataset.name}; evaluate on the dataset it was distilled from")
+        if bool(self.zca) != (dataset.zca is not None):
+            raise FileFormatError("the distilled set and this run disagree on ZCA whitening; set data.zca to match")
+
+    @staticmethod
+    def zca_in(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The whitening tensors among a distilled file's tensors (stored under ``zca.``)."""
+        return {k[len(ZCA_PREFIX):]: v for k, v in tensors.items() if k.startswith(ZCA_PREFIX)}
 
     @classmethod
     def load(cls, path: str | Path) -> "DistilledSet":
@@ -72,7 +96,7 @@ class DistilledSet:
             raise FileFormatError(f"{path}: distilled file is missing tensor {exc}") from None
         if images.ndim != 4 or labels.shape != (images.shape[0],):
             raise FileFormatError(f"{path}: images and labels do not match")
-        zca = {k[4:]: v for k, v in tensors.items() if k.startswith("zca.")}
+        zca = cls.zca_in(tensors)
         meta.pop("lr", None)
         return cls(images, labels, lr, int(meta.pop("iteration", 0)), meta, zca)
 

@@ -40,6 +40,16 @@ class RunFolder:
         """The folder a :class:`~astkit.config.RunConfig` names (``out``, ``experts.dir``)."""
         return cls(Path(config.out), Path(config.experts.dir) if config.experts.dir else None)
 
+    def check_folders(self) -> None:
+        """Raise if the run folder or the experts folder (or a folder above
+        either) is a file, before anything is written there."""
+        from astkit.errors import UserError
+
+        for key, folder in (("out", self.root), ("experts.dir", self.experts)):
+            blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+            if blocker is not None and not blocker.is_dir():
+                raise UserError(f"{key} {folder}: {blocker} is a file, not a folder; remove it or choose another folder")
+
     def create(self) -> Path:
         """Make the folder (guarded: a one-line error if it cannot be)."""
         store.make_dir(self.root)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from astkit import store
-from astkit.errors import FileFormatError
+from astkit.errors import FileFormatError, UserError
 from astkit.functional import FlatModel, ParamLayout
 
 
@@ -51,6 +51,37 @@ class ModelSpec:
                    tuple(data["image_size"]), dict(data.get("options", {})))
 
 
+def describe(spec: ModelSpec) -> str:
+    """``convnet(width=8) on 1x8x8 images, 10 classes``."""
+    options = ",".join(f"{k}={v}" for k, v in sorted(spec.options.items()))
+    size = "x".join(str(s) for s in spec.image_size)
+    return f"{spec.name}({options}) on {spec.channels}x{size} images, {spec.num_classes} classes"
+
+
+def check_made_for(meta: dict[str, Any], path: Path | str, spec: ModelSpec, dataset: Any, *,
+                   kind: str = "expert") -> None:
+    """Raise unless a file's recorded model (name, options, channels, image size,
+    classes) is ``spec`` and its recorded data is ``dataset`` (name, ZCA);
+    from the file's metadata alone."""
+    try:
+        recorded = ModelSpec.from_json(meta["model"])
+    except (KeyError, TypeError, ValueError):
+        raise FileFormatError(f"{path}: the {kind} file records no model; the file is damaged or from another tool") from None
+    if recorded != spec:
+        fix = ("point experts.dir at matching experts or retrain them" if kind == "expert"
+               else "resume with the config the checkpoint was made with, or start without --resume")
+        raise FileFormatError(f"{path}: made for {describe(recorded)}, this run uses {describe(spec)}; {fix}")
+    made_on = meta.get("dataset") or {}
+    if not isinstance(made_on, dict):
+        raise FileFormatError(f"{path}: the {kind} file's dataset record is damaged; use an intact copy")
+    if made_on.get("name") and made_on["name"] != dataset.name:
+        raise FileFormatError(f"{path}: made from {made_on['name']}, this run uses {dataset.name}; use a {kind} of this dataset")
+    if "zca" in made_on and bool(made_on["zca"]) != (dataset.zca is not None):
+        raise FileFormatError(
+            f"{path}: made {'with' if made_on['zca'] else 'without'} ZCA whitening; set data.zca to match"
+        )
+
+
 def avg_var(snapshots: torch.Tensor) -> float:
     """Mean squared L2 distance between consecutive snapshots (AST's Avg_Var)."""
     if snapshots.shape[0] < 2:
@@ -89,6 +120,35 @@ class Trajectory:
         module = self.model.build(registry if registry is not None else self.registry)
         FlatModel(module).load_into(self.snapshots[snapshot])
         return module
+
+    def check_fits(self, spec: ModelSpec, dataset: Any, max_start_epoch: int, expert_epochs: int,
+                   path: Path | str = "expert") -> None:
+        """Raise unless this expert is of ``spec`` on ``dataset`` and long enough to
+        match ``expert_epochs`` from every start epoch below ``max_start_epoch``."""
+        check_made_for({**self.meta, "model": self.model.to_json()}, path, spec, dataset)
+        if self.num_epochs < max_start_epoch - 1 + expert_epochs:
+            raise UserError(
+                f"{path}: has {self.num_epochs} epochs, but the last start epoch "
+                f"({max_start_epoch - 1}) + expert_epochs ({expert_epochs}) goes beyond; "
+                "lower distill.max_start_epoch"
+            )
+
+    @staticmethod
+    def check_file(path: Path, spec: ModelSpec, dataset: Any, epochs: int) -> None:
+        """Raise unless the file at ``path`` is an expert of ``spec`` on ``dataset``
+        trained for ``epochs`` epochs; from its metadata alone."""
+        meta = store.read_metadata(path)
+        if meta.get("kind") != "trajectory":
+            raise FileFormatError(
+                f"{path}: an astkit {meta.get('kind')} file in the experts folder; move it out (the folder holds expert trajectories only)"
+            )
+        check_made_for(meta, path, spec, dataset)
+        recorded = meta.get("num_epochs")
+        if isinstance(recorded, int) and recorded != epochs:
+            raise FileFormatError(
+                f"{path}: an expert of {recorded} epochs, this run trains {epochs}; "
+                f"set experts.epochs={recorded} or use another experts folder"
+            )
 
     # ----------------------------------------------------------------- files
     def save(self, path: str | Path) -> Path:

@@ -131,8 +131,10 @@ def expert_config(protocol: dict, work: Path, name: str, seed: int):
 
 
 def run_config(protocol: dict, work: Path, name: str, seed: int):
+    from astkit import RunFolder
+
     spec = RUNS[name]
-    experts_dir = work / "experts" / spec["experts"] / "experts"
+    experts_dir = RunFolder(work / "experts" / spec["experts"]).experts
     sections = {"experts": {"dir": str(experts_dir), **EXPERT_SETS[spec["experts"]]["experts"]},
                 "distill": spec.get("distill", {})}
     return build_config(protocol, work / "runs" / name, spec["plugins"], seed, sections)
@@ -160,10 +162,9 @@ def stage_experts(protocol: dict, work: Path, seed: int, only: list[str]) -> Non
             continue
         engine = Engine(expert_config(protocol, work, name, seed))
         n = engine.config.experts.num_experts
-        missing = [i for i in range(n) if not (engine.experts_dir() / f"expert_{i:03d}.safetensors").is_file()]
-        log(f"experts {name}: training {len(missing)} of {n}")
+        log(f"experts {name}: training {len(engine.folder.missing_experts(range(n)))} of {n}")
         t0 = time.perf_counter()
-        engine.train_experts(missing)
+        engine.train_experts(resume=True)
         experts = engine.load_experts()
         save_json(done, {
             "set": name, "plugins": engine.config.plugins, "experts": EXPERT_SETS[name]["experts"],
@@ -186,13 +187,13 @@ def stage_distill(protocol: dict, work: Path, seed: int, only: list[str]) -> Non
             log(f"distill {name}: done")
             continue
         engine = Engine(run_config(protocol, work, name, seed))
-        checkpoint = engine.out / "checkpoint.safetensors"
+        checkpoint = engine.folder.checkpoint
         log(f"distill {name}: {'resuming' if checkpoint.is_file() else 'starting'} "
             f"(plugins: {', '.join(engine.config.plugins) or 'none'})")
         t0 = time.perf_counter()
         distilled = engine.distill(engine.load_experts(), resume=checkpoint.is_file())
         result = engine.evaluate(distilled)
-        curve = [json.loads(line) for line in (engine.out / "metrics.jsonl").read_text().splitlines()]
+        curve = [json.loads(line) for line in engine.folder.metrics.read_text().splitlines()]
         curve = [(r["iteration"], r["architectures"]["convnet"]["mean"]) for r in curve if r["event"] == "evaluation"]
         save_json(done, {
             "run": name, **RUNS[name], "ipc": engine.config.distill.ipc, "learned_lr": distilled.lr,
@@ -206,7 +207,7 @@ def stage_distill(protocol: dict, work: Path, seed: int, only: list[str]) -> Non
 def stage_baselines(protocol: dict, work: Path, seed: int, only: list[str]) -> None:
     import torch
 
-    from astkit import DistilledSet, Engine
+    from astkit import DistilledSet, Engine, RunFolder
 
     done = work / "baselines.json"
     results = json.loads(done.read_text()) if done.is_file() else {}
@@ -223,7 +224,7 @@ def stage_baselines(protocol: dict, work: Path, seed: int, only: list[str]) -> N
                 continue
             plugins = ["representative-init"] if kind == "kmeans" else []
             config = build_config(protocol, work / "baselines" / key, plugins, seed,
-                                  {"distill": {"ipc": ipc}, "experts": {"dir": str(work / "experts" / "smooth" / "experts")}})
+                                  {"distill": {"ipc": ipc}, "experts": {"dir": str(RunFolder(work / "experts" / "smooth").experts)}})
             engine = Engine(config)
             if kind == "random":
                 subset = engine.real_subset(ipc)
@@ -241,6 +242,8 @@ def stage_baselines(protocol: dict, work: Path, seed: int, only: list[str]) -> N
 
 def stage_report(protocol: dict, work: Path, json_path: Path | None, previous: Path | None = None) -> dict:
     """Gather every stage's results; with ``previous``, an earlier report fills what this work dir lacks."""
+    from astkit import RunFolder
+
     def read(path: Path) -> dict | None:
         return json.loads(path.read_text()) if path.is_file() else None
 
@@ -249,7 +252,7 @@ def stage_report(protocol: dict, work: Path, json_path: Path | None, previous: P
     for name, run in runs.items():
         if run is not None and "image_grad_norm" not in run:
             clip = RUNS[name].get("distill", {}).get("clip_image_grad")
-            spikes = image_grad_norms(work / "runs" / name / "metrics.jsonl", clip)
+            spikes = image_grad_norms(RunFolder(work / "runs" / name).metrics, clip)
             if spikes:
                 run["image_grad_norm"] = spikes
     baselines = read(work / "baselines.json") or {}
@@ -289,7 +292,7 @@ def image_grad_norms(metrics: Path, clip: float | None = None) -> dict | None:
     if not metrics.is_file():
         return None
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    rows = [r for r in rows if r["event"] == "iteration"]
+    rows = [r for r in rows if r["event"] == "iteration" and r.get("grad_norm") is not None]  # null: NaN
     if not rows:
         return None
     norms = sorted(r["grad_norm"] for r in rows)

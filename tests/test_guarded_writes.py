@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 
 from astkit import Engine, hookimpl, store
 from astkit.cli.common import EXIT_USAGE, invoke, os_error_message
-from astkit.engine import MetricsLog
+from astkit.metrics_log import MetricsLog
 from astkit.errors import UserError
 
 from conftest import TINY, tiny_config

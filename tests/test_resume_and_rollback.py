@@ -10,8 +10,9 @@ import time
 import pytest
 import torch
 
-from astkit import DistilledSet, Engine, Trajectory, hookimpl, store
+from astkit import DistilledSet, Engine, Trajectory, hookimpl
 from astkit.errors import DivergenceError
+from astkit.checkpoint import Checkpoint
 from astkit.distill import Distiller
 
 from conftest import TINY, tiny_config
@@ -37,13 +38,23 @@ def _events(out):
     return [(r["event"], r["iteration"], r.get("start_epoch"), r.get("expert")) for r in records]
 
 
-def _interrupt_then_resume(tmp_path, digits, experts, plugin=None):
+def _interrupt_then_resume(tmp_path, digits, experts, plugin=None, monkeypatch=None):
+    """Distil until Ctrl-C (from ``plugin`` or a patch), undo the patch, resume in a new engine;
+    return the resumed set, its metrics events and the iteration the Ctrl-C checkpoint was written at."""
     config = tiny_config(tmp_path, ITERATIONS, "distill.eval_every=2")
     with pytest.raises(KeyboardInterrupt):
         Engine(config, dataset=digits, plugins=[plugin] if plugin else []).distill(experts)
-    assert (tmp_path / "run" / "checkpoint.safetensors").is_file()
+    cut_at = Checkpoint.read_iteration(tmp_path / "run" / "checkpoint.safetensors")
+    if monkeypatch is not None:
+        monkeypatch.undo()
     engine = Engine(tiny_config(tmp_path, ITERATIONS, "distill.eval_every=2"), dataset=digits)
-    return engine.distill(experts, resume=True), _events(engine.out)
+    return engine.distill(experts, resume=True), _events(engine.out), cut_at
+
+
+def _equals_uninterrupted(resumed, events, cut_at, uninterrupted):
+    full, full_events = uninterrupted
+    assert torch.equal(resumed.images, full.images) and resumed.lr == full.lr
+    assert events == full_events  # the same experts and start epochs drawn, the same evaluations made
 
 
 class CtrlCInWeight:
@@ -70,10 +81,7 @@ class CtrlCInPerturbation:
 
 @pytest.mark.parametrize("plugin", [CtrlCInWeight, CtrlCInPerturbation])
 def test_ctrl_c_inside_an_iteration_resumes_bit_for_bit(tmp_path, digits, experts, uninterrupted, plugin):
-    resumed, events = _interrupt_then_resume(tmp_path, digits, experts, plugin())
-    full, full_events = uninterrupted
-    assert torch.equal(resumed.images, full.images) and resumed.lr == full.lr
-    assert events == full_events  # the same experts and start epochs were drawn
+    _equals_uninterrupted(*_interrupt_then_resume(tmp_path, digits, experts, plugin()), uninterrupted)
 
 
 def test_ctrl_c_inside_the_unroll_resumes_bit_for_bit(tmp_path, digits, experts, uninterrupted, monkeypatch):
@@ -88,15 +96,7 @@ def test_ctrl_c_inside_the_unroll_resumes_bit_for_bit(tmp_path, digits, experts,
         return unroll(*args, **kwargs)
 
     monkeypatch.setattr(astkit.distill, "unroll", interrupted_unroll)
-    config = tiny_config(tmp_path, ITERATIONS, "distill.eval_every=2")
-    with pytest.raises(KeyboardInterrupt):
-        Engine(config, dataset=digits).distill(experts)
-    monkeypatch.setattr(astkit.distill, "unroll", unroll)
-    engine = Engine(tiny_config(tmp_path, ITERATIONS, "distill.eval_every=2"), dataset=digits)
-    resumed = engine.distill(experts, resume=True)
-    full, full_events = uninterrupted
-    assert torch.equal(resumed.images, full.images) and resumed.lr == full.lr
-    assert _events(engine.out) == full_events
+    _equals_uninterrupted(*_interrupt_then_resume(tmp_path, digits, experts, monkeypatch=monkeypatch), uninterrupted)
 
 
 def test_a_signal_during_the_update_is_held_until_the_iteration_is_whole(tmp_path, digits, experts, uninterrupted,
@@ -111,17 +111,9 @@ def test_a_signal_during_the_update_is_held_until_the_iteration_is_whole(tmp_pat
         return check(self)
 
     monkeypatch.setattr(Distiller, "state_problem", signalled)
-    config = tiny_config(tmp_path, ITERATIONS, "distill.eval_every=2")
-    with pytest.raises(KeyboardInterrupt):
-        Engine(config, dataset=digits).distill(experts)
-    state = store.read_metadata(tmp_path / "run" / "checkpoint.safetensors")["state"]
-    assert state["iteration"] == 3 and 2 in seen  # iteration 2 completed before the signal was delivered
-    monkeypatch.setattr(Distiller, "state_problem", check)
-    engine = Engine(tiny_config(tmp_path, ITERATIONS, "distill.eval_every=2"), dataset=digits)
-    resumed = engine.distill(experts, resume=True)
-    full, full_events = uninterrupted
-    assert torch.equal(resumed.images, full.images) and resumed.lr == full.lr
-    assert _events(engine.out) == full_events
+    resumed, events, cut_at = _interrupt_then_resume(tmp_path, digits, experts, monkeypatch=monkeypatch)
+    assert 2 in seen and cut_at == 3  # iteration 2 completed before the signal was delivered
+    _equals_uninterrupted(resumed, events, cut_at, uninterrupted)
 
 
 def test_ctrl_c_in_an_evaluation_resumes_and_makes_that_evaluation(tmp_path, digits, experts, uninterrupted,
@@ -137,15 +129,8 @@ def test_ctrl_c_in_an_evaluation_resumes_and_makes_that_evaluation(tmp_path, dig
         return train(*args, **kwargs)
 
     monkeypatch.setattr(astkit.engine, "train_on_synthetic", interrupted)
-    config = tiny_config(tmp_path, ITERATIONS, "distill.eval_every=2")
-    with pytest.raises(KeyboardInterrupt):
-        Engine(config, dataset=digits).distill(experts)
-    monkeypatch.setattr(astkit.engine, "train_on_synthetic", train)
-    engine = Engine(tiny_config(tmp_path, ITERATIONS, "distill.eval_every=2"), dataset=digits)
-    resumed = engine.distill(experts, resume=True)
-    full, full_events = uninterrupted
-    assert torch.equal(resumed.images, full.images) and resumed.lr == full.lr
-    assert _events(engine.out) == full_events  # the evaluation after iteration 4 made on resume
+    # the evaluation after iteration 4 is made on resume
+    _equals_uninterrupted(*_interrupt_then_resume(tmp_path, digits, experts, monkeypatch=monkeypatch), uninterrupted)
 
 
 def test_a_planned_stop_resumes_bit_for_bit_over_many_iterations(tmp_path, digits, experts):

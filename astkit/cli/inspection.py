@@ -204,6 +204,8 @@ def _check_png_path(grid: Path) -> None:
 
 
 def _summary(kind: str, meta: dict[str, Any], tensors: dict[str, Any]) -> list[tuple[str, Any]]:
+    from astkit.checkpoint import Checkpoint
+
     rows: list[tuple[str, Any]] = []
     ds = meta.get("dataset") or {}
     model = meta.get("model") or {}
@@ -223,7 +225,7 @@ def _summary(kind: str, meta: dict[str, Any], tensors: dict[str, Any]) -> list[t
         import torch
 
         counts = torch.bincount(tensors["labels"].long().flatten())
-        iteration = meta.get("iteration") if kind == "distilled" else (meta.get("state") or {}).get("iteration")
+        iteration = meta.get("iteration") if kind == "distilled" else Checkpoint.iteration_in(meta)
         lr = meta.get("lr") if kind == "distilled" else float(tensors["lr"][0]) if "lr" in tensors else None
         rows += [("images", "x".join(str(s) for s in tensors["images"].shape)),
                  ("images per class", int(counts.max()) if counts.numel() else 0),
@@ -237,11 +239,12 @@ def _summary(kind: str, meta: dict[str, Any], tensors: dict[str, Any]) -> list[t
 
 
 def _write_grid(tensors: dict[str, Any], meta: dict[str, Any], path: Path) -> Path:
+    from astkit.checkpoint import Checkpoint
     from astkit.figures import save_distilled_grid
     from astkit.results import DistilledSet
 
-    zca = {k[4:]: v for k, v in tensors.items() if k.startswith("zca.")}
-    iteration = meta.get("iteration", (meta.get("state") or {}).get("iteration"))
+    zca = DistilledSet.zca_in(tensors)
+    iteration = meta.get("iteration", Checkpoint.iteration_in(meta))
     lr = float(tensors["lr"].flatten()[0]) if "lr" in tensors else float("nan")
     distilled = DistilledSet(tensors["images"], tensors["labels"].long().flatten(), lr, int(iteration or 0), meta, zca)
     return save_distilled_grid(distilled, path)

@@ -64,14 +64,13 @@ class interruptible:
             return False
         if not self.resumable:
             raise common.Interrupted("interrupted") from None
-        checkpoint = self.engine.out / "checkpoint.safetensors"
+        checkpoint = self.engine.folder.checkpoint
         where = ""
         if checkpoint.is_file():
             try:
-                from astkit import store
+                from astkit.checkpoint import Checkpoint
 
-                state = store.read_metadata(checkpoint).get("state", {})
-                where = f"checkpoint at iteration {state.get('iteration')} in {checkpoint}; "
+                where = f"checkpoint at iteration {Checkpoint.read_iteration(checkpoint)} in {checkpoint}; "
             except Exception:  # noqa: BLE001 - the hint is best effort
                 where = ""
         raise common.Interrupted(f"interrupted; {where}resume with: {common.resume_command()}") from None
@@ -98,18 +97,6 @@ def print_lines(lines: list[str]) -> None:
     sys.stdout.flush()
 
 
-def load_or_train_missing_experts(engine: Any) -> list:
-    """For ``--resume``: keep the expert files already written, train the rest."""
-    n = engine.config.experts.num_experts
-    directory = engine.experts_dir()
-    missing = [i for i in range(n) if not (directory / f"expert_{i:03d}.safetensors").is_file()]
-    if len(missing) < n:
-        engine.progress.log(f"resuming: {n - len(missing)} of {n} experts already in {directory}")
-    if missing:
-        engine.train_experts(missing)
-    return engine.load_experts(directory)
-
-
 # ----------------------------------------------------------------- commands
 def run(opts: StageOptions, resume: Annotated[bool, typer.Option(
             "--resume", help="Continue an interrupted run: keep OUT/experts files, continue from "
@@ -123,9 +110,6 @@ def run(opts: StageOptions, resume: Annotated[bool, typer.Option(
     grids/). The last line printed is the accuracy of fresh networks on the distilled set. Ctrl-C writes a
     checkpoint; continue with --resume.
     """
-    from astkit.engine import MetricsLog
-    from astkit.results import RunResult
-
     config = common.build_config(opts, shortcuts={
         "distill.ipc": ipc, "distill.iterations": iterations, "experts.num_experts": num_experts,
         "experts.dir": str(experts_dir) if experts_dir is not None else None,
@@ -133,22 +117,7 @@ def run(opts: StageOptions, resume: Annotated[bool, typer.Option(
     engine, reporter, progress = make_engine(config, opts, grid_every=grid_every)
     progress.log(describe_run(engine))
     with interruptible(engine, progress):
-        if not resume:
-            result = engine.run()
-        else:
-            checkpoint = engine.out / "checkpoint.safetensors"
-            config.check_expert_length()
-            engine.check_inputs()  # data, ipc, models, then the checkpoint: before any expert is trained
-            if checkpoint.exists():
-                engine.check_checkpoint(checkpoint)
-            experts = engine.load_experts() if config.experts.dir else load_or_train_missing_experts(engine)
-            if not checkpoint.is_file():
-                progress.log(f"no checkpoint in {engine.out}; distilling from the start")
-            distilled = engine.distill(experts, resume=checkpoint.is_file())
-            evaluation = engine.evaluate(distilled)
-            if engine.is_main:
-                MetricsLog(engine.out / "metrics.jsonl").write({"event": "final_evaluation", **evaluation.to_json()})
-            result = RunResult(experts, distilled, evaluation, list(engine.history), engine.out)
+        result = engine.run(resume=resume)
     files = reporter.finish(result)
     print_lines(accuracy_lines(result.evaluation, files.get("grid")))
 
@@ -186,13 +155,9 @@ def experts(opts: StageOptions, resume: Annotated[bool, typer.Option(
     engine, reporter, progress = make_engine(config, opts)
     engine.check_inputs()  # data, distill.ipc, models: refused before any expert is trained
     progress.log(describe_run(engine))
-    directory = engine.experts_dir()
-    if resume:
-        indices = [i for i in indices if not (directory / f"expert_{i:03d}.safetensors").is_file()]
-        if not indices:
-            progress.log(f"every expert is already in {directory}")
+    directory = engine.folder.experts
     with interruptible(engine, progress):
-        trajectories = engine.train_experts(indices) if indices else []
+        trajectories = engine.train_experts(indices, resume=resume)
     reporter.add_experts(trajectories)
     reporter.finish(run=engine.run_context, config=engine.config)  # no event when every expert was there
     accs = ", ".join(f"{t.test_accuracy[-1]:.4f}" for t in trajectories)
@@ -211,19 +176,14 @@ def distill(opts: StageOptions, experts_dir: ExpertsDir = None,
     OUT/checkpoint.safetensors, OUT/metrics.jsonl and the report. Ctrl-C writes a checkpoint; continue
     with --resume.
     """
-    from astkit.errors import UserError
-
     config = common.build_config(opts, shortcuts={
         "distill.ipc": ipc, "distill.iterations": iterations,
         "experts.dir": str(experts_dir) if experts_dir is not None else None,
     })
     engine, reporter, progress = make_engine(config, opts, grid_every=grid_every)
-    checkpoint = engine.out / "checkpoint.safetensors"
-    if resume and not checkpoint.is_file():
-        raise UserError(f"nothing to resume: no {checkpoint}; run without --resume")
     engine.check_inputs()  # data, distill.ipc, models: refused before the experts are read
     if resume:
-        engine.check_checkpoint(checkpoint)
+        engine.check_checkpoint(engine.folder.checkpoint)  # also: nothing to resume
     progress.log(describe_run(engine))
     with interruptible(engine, progress):
         trajectories = engine.load_experts()
@@ -232,7 +192,7 @@ def distill(opts: StageOptions, experts_dir: ExpertsDir = None,
         evaluation = engine.evaluate(distilled) if evaluate else None
     files = reporter.finish(distilled=distilled, history=engine.history, evaluation=evaluation)
     lines = accuracy_lines(evaluation) if evaluation is not None else []
-    print_lines(lines + [f"distilled: {engine.out / 'distilled.safetensors'}  images: {files.get('grid')}"])
+    print_lines(lines + [f"distilled: {engine.folder.distilled}  images: {files.get('grid')}"])
 
 
 def evaluate(opts: StageOptions,
