@@ -12,17 +12,25 @@ from torch import nn
 from astkit import store
 from astkit.errors import FileFormatError, UserError
 from astkit.functional import FlatModel, ParamLayout
+from astkit.models.revision import REVISION, retired_network
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to rebuild a network: registry name and arguments."""
+    """Everything needed to rebuild a network: registry name and arguments.
+
+    ``revision`` is the revision of astkit's built-in networks the spec was
+    made with (:mod:`astkit.models.revision`); files written before it was
+    recorded read as revision 1. It is not part of ``==``: whether an earlier
+    revision built the same network is :func:`check_made_for`'s question.
+    """
 
     name: str
     channels: int
     num_classes: int
     image_size: tuple[int, int]
     options: dict[str, Any] = field(default_factory=dict)
+    revision: int = field(default=REVISION, compare=False)
 
     def build(self, registry: Mapping | None = None) -> nn.Module:
         from astkit.models import build_model
@@ -43,12 +51,19 @@ class ModelSpec:
             "num_classes": self.num_classes,
             "image_size": list(self.image_size),
             "options": dict(self.options),
+            "revision": self.revision,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ModelSpec":
         return cls(data["name"], int(data["channels"]), int(data["num_classes"]),
-                   tuple(data["image_size"]), dict(data.get("options", {})))
+                   tuple(data["image_size"]), dict(data.get("options", {})), int(data.get("revision", 1)))
+
+    def retired(self) -> str | None:
+        """What this spec's network was, if it was recorded by an earlier astkit
+        that built it differently (see :func:`astkit.models.revision.retired_network`);
+        None if this astkit builds the same network."""
+        return retired_network(self.name, self.channels, self.image_size, self.options, self.revision)
 
 
 def describe(spec: ModelSpec) -> str:
@@ -61,8 +76,9 @@ def describe(spec: ModelSpec) -> str:
 def check_made_for(meta: dict[str, Any], path: Path | str, spec: ModelSpec, dataset: Any, *,
                    kind: str = "expert") -> None:
     """Raise unless a file's recorded model (name, options, channels, image size,
-    classes) is ``spec`` and its recorded data is ``dataset`` (name, ZCA);
-    from the file's metadata alone."""
+    classes) is ``spec``, built by this astkit's networks (a file of an earlier
+    revision whose network astkit no longer builds is refused, saying why), and
+    its recorded data is ``dataset`` (name, ZCA); from the file's metadata alone."""
     try:
         recorded = ModelSpec.from_json(meta["model"])
     except (KeyError, TypeError, ValueError):
@@ -71,6 +87,15 @@ def check_made_for(meta: dict[str, Any], path: Path | str, spec: ModelSpec, data
         fix = ("point experts.dir at matching experts or retrain them" if kind == "expert"
                else "resume with the config the checkpoint was made with, or start without --resume")
         raise FileFormatError(f"{path}: made for {describe(recorded)}, this run uses {describe(spec)}; {fix}")
+    if recorded.revision > spec.revision:
+        raise FileFormatError(
+            f"{path}: made by a newer astkit (network revision {recorded.revision}, this one builds "
+            f"{spec.revision}); upgrade astkit to use this {kind} file"
+        )
+    retired = recorded.retired()
+    if retired:
+        fix = "retrain the experts" if kind == "expert" else "start without --resume (with retrained experts)"
+        raise FileFormatError(f"{path}: made with {retired}, which this astkit no longer builds; {fix}")
     made_on = meta.get("dataset") or {}
     if not isinstance(made_on, dict):
         raise FileFormatError(f"{path}: the {kind} file's dataset record is damaged; use an intact copy")

@@ -93,7 +93,8 @@ def test_auto_depth_without_pooling_is_not_capped():
 
 def test_convnet_spatial_sizes():
     assert ConvNet(3, 10, 8, width=4).classifier.in_features == 4 * 2 * 2  # 8 -> 4 -> 2
-    assert ConvNet(1, 10, 28, width=4).classifier.in_features == 4 * 3 * 3
+    assert ConvNet(1, 10, 28, width=4).classifier.in_features == 4 * 4 * 4  # DC/MTT: 28 -> 32 (padding 3) -> 4
+    assert ConvNet(3, 10, 28, width=4).classifier.in_features == 4 * 3 * 3  # padding 3 is for 1 channel only
     assert ConvNet(1, 10, 8, width=4, depth=5).classifier.in_features == 4  # extra pools skipped
     model = ConvNet(3, 10, (16, 32), width=4)  # non-square: 16x32 -> 2x4
     assert model.classifier.in_features == 4 * 2 * 4
@@ -102,17 +103,18 @@ def test_convnet_spatial_sizes():
 
 
 @pytest.mark.parametrize("norm,kind", [("instancenorm", nn.GroupNorm), ("batchnorm", nn.BatchNorm2d),
-                                       ("layernorm", nn.GroupNorm), ("none", None)])
+                                       ("layernorm", nn.LayerNorm), ("none", None)])
 @pytest.mark.parametrize("activation", ["relu", "leakyrelu", "sigmoid", "gelu", "tanh"])
 @pytest.mark.parametrize("pooling", ["avgpool", "maxpool", "none"])
 def test_convnet_options(norm, kind, activation, pooling):
     model = build_model("convnet", channels=1, num_classes=3, image_size=8, width=4, depth=2,
                         norm=norm, activation=activation, pooling=pooling)
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
-    norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))]
+    norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm))]
     assert len(norms) == (0 if kind is None else 2) and all(isinstance(m, kind) for m in norms)
-    if norm == "layernorm":
-        assert norms[0].num_groups == 1
+    if norm == "layernorm":  # MTT's: over C x H x W of that depth's map, per-element affine
+        assert tuple(norms[0].normalized_shape) == (4, 8, 8) and norms[0].weight.shape == (4, 8, 8)
+        assert tuple(norms[1].normalized_shape) == ((4, 8, 8) if pooling == "none" else (4, 4, 4))
 
 
 def test_variants_fix_their_options():

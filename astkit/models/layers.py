@@ -20,15 +20,23 @@ def _choice(kind: str, value: str, choices: Sequence[str], model: str) -> str:
     return key
 
 
-def make_norm(norm: str, channels: int, model: str = "model") -> nn.Module:
-    """``instancenorm`` is GroupNorm(c, c) as in DC/MTT; ``layernorm`` is GroupNorm(1, c)."""
+def make_norm(norm: str, channels: int, model: str = "model", size: tuple[int, int] | None = None) -> nn.Module:
+    """The norm layers of DC/DSA/MTT's ``_get_normlayer``.
+
+    ``instancenorm`` is ``GroupNorm(c, c)``; ``batchnorm`` ``BatchNorm2d(c)``;
+    ``layernorm`` is ``LayerNorm([c, H, W])`` with per-element affine
+    parameters, over the feature map at that depth (``size`` = ``(H, W)``);
+    ``none`` is the identity.
+    """
     norm = _choice("norm", norm, NORMS, model)
     if norm == "instancenorm":
         return nn.GroupNorm(channels, channels, affine=True)
     if norm == "batchnorm":
         return nn.BatchNorm2d(channels)
     if norm == "layernorm":
-        return nn.GroupNorm(1, channels, affine=True)
+        if size is None:
+            raise UserError(f"{model} cannot use norm 'layernorm' without an image size")
+        return nn.LayerNorm([channels, *size], elementwise_affine=True)
     return nn.Identity()
 
 

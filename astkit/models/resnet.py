@@ -6,23 +6,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from astkit.models.layers import make_norm, positive
+from astkit.models.layers import image_hw, make_norm, positive
 from astkit.models.variant import Variant
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-norm layers with a (projected when needed) shortcut."""
+def strided_size(size: tuple[int, int] | None, stride: int) -> tuple[int, int] | None:
+    """Spatial size after a 3x3 (padding 1) or 1x1 (padding 0) convolution of ``stride``."""
+    return None if size is None else ((size[0] - 1) // stride + 1, (size[1] - 1) // stride + 1)
 
-    def __init__(self, in_planes: int, planes: int, stride: int, norm: str):
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-norm layers with a (projected when needed) shortcut.
+
+    ``size`` is the input's spatial size (needed by ``layernorm`` only).
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int, norm: str,
+                 size: tuple[int, int] | None = None):
         super().__init__()
+        out = strided_size(size, stride)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = make_norm(norm, planes, "resnet18")
+        self.bn1 = make_norm(norm, planes, "resnet18", out)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = make_norm(norm, planes, "resnet18")
+        self.bn2 = make_norm(norm, planes, "resnet18", out)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                                          make_norm(norm, planes, "resnet18"))
+                                          make_norm(norm, planes, "resnet18", out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -37,14 +47,16 @@ class ResNet18(nn.Module):
                  norm: str = "instancenorm"):
         super().__init__()
         width = positive("width", width, "resnet18")
+        size = None if image_size is None else image_hw(image_size)
         self.conv1 = nn.Conv2d(channels, width, 3, stride=1, padding=1, bias=False)
-        self.bn1 = make_norm(norm, width, "resnet18")
+        self.bn1 = make_norm(norm, width, "resnet18", size)
         stages, in_planes = [], width
         for i in range(4):
             planes = width * 2 ** i
             stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride, norm),
-                                        BasicBlock(planes, planes, 1, norm)))
+            stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride, norm, size),
+                                        BasicBlock(planes, planes, 1, norm, strided_size(size, stride))))
+            size = strided_size(size, stride)
             in_planes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.classifier = nn.Linear(in_planes, num_classes)

@@ -33,7 +33,7 @@ class VGG11(FeatureClassifier):
             padding = 3 if channels == 1 and i == 0 else 1
             size = conv_size(size, 3, padding)
             layers += [nn.Conv2d(in_channels, out_channels, 3, padding=padding),
-                       make_norm(norm, out_channels, "vgg11"), nn.ReLU()]
+                       make_norm(norm, out_channels, "vgg11", size), nn.ReLU()]
             in_channels = out_channels
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_channels * size[0] * size[1], num_classes)
