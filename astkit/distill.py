@@ -58,7 +58,7 @@ class Distiller:
         self.opt_lr = torch.optim.SGD([self.lr], lr=d.lr_lr, momentum=d.lr_momentum)
         #: the largest absolute pixel of the initial images (at least 1), the
         #: reference of ``distill.max_image_growth``
-        self.image_scale = max(float(self.images.detach().abs().max()), 1.0)
+        self.image_scale = self.scale_of_images()
         self.iteration = 0
         #: the iteration whose periodic evaluation was last made (-1: none)
         self.evaluated = -1
@@ -81,31 +81,33 @@ class Distiller:
         runs with Ctrl-C held back, so it is applied whole or not at all. A
         checkpoint written after either resumes the uninterrupted run bit for bit.
         """
-        boundary = self._random_state()
+        boundary, updating = self._random_state(), False
         try:
             loss, terms, drawn = self._meta_gradient()
+            with deferred_interrupt():
+                updating = True  # from here Ctrl-C waits for the iteration to be whole
+                grad_norm = self._clip_image_grad()
+                problem = self._update(loss)
+                metrics = IterationMetrics(
+                    iteration=self.iteration,
+                    loss=loss.item(),
+                    lr=self.lr.item(),
+                    terms=[t.item() for t in terms],
+                    seconds=time.perf_counter() - drawn.pop("t0"),
+                    grad_norm=grad_norm,
+                    rolled_back=problem is not None,
+                    rollback_reason=problem,
+                    lr_img=self.lr_img,
+                    **drawn,
+                )
+                self.history.append(metrics)
+                self.iteration += 1
         except BaseException:
-            self._restore_random_state(boundary)
-            self.opt_img.zero_grad(set_to_none=True)
-            self.opt_lr.zero_grad(set_to_none=True)
+            if not updating:
+                self._restore_random_state(boundary)
+                self.opt_img.zero_grad(set_to_none=True)
+                self.opt_lr.zero_grad(set_to_none=True)
             raise
-        with deferred_interrupt():
-            grad_norm = self._clip_image_grad()
-            problem = self._update(loss)
-            metrics = IterationMetrics(
-                iteration=self.iteration,
-                loss=loss.item(),
-                lr=self.lr.item(),
-                terms=[t.item() for t in terms],
-                seconds=time.perf_counter() - drawn.pop("t0"),
-                grad_norm=grad_norm,
-                rolled_back=problem is not None,
-                rollback_reason=problem,
-                lr_img=self.lr_img,
-                **drawn,
-            )
-            self.history.append(metrics)
-            self.iteration += 1
         return metrics
 
     def raise_if_diverged(self) -> None:
@@ -212,6 +214,10 @@ class Distiller:
             return "the lr gradient is NaN/Inf"
         return None
 
+    def scale_of_images(self) -> float:
+        """The largest absolute pixel of the current images, at least 1."""
+        return max(float(self.images.detach().abs().max()), 1.0)
+
     def state_problem(self) -> str | None:
         """Why the current images and lr are not a sane state, or None.
 
@@ -233,23 +239,22 @@ class Distiller:
         return None
 
     def _update_state(self) -> dict[str, torch.Tensor]:
-        """Copies of what an update changes: images, lr, optimiser momenta."""
+        """Copies of what a rolled-back update must give back: images, lr and the
+        lr's momentum (the image momentum is dropped on rollback anyway)."""
         saved = {"images": self.images.detach().clone(), "lr": self.lr.detach().clone()}
-        for name, opt, param in (("img", self.opt_img, self.images), ("lr", self.opt_lr, self.lr)):
-            buf = opt.state.get(param, {}).get("momentum_buffer")
-            if buf is not None:
-                saved[f"momentum.{name}"] = buf.clone()
+        buf = self.opt_lr.state.get(self.lr, {}).get("momentum_buffer")
+        if buf is not None:
+            saved["momentum.lr"] = buf.clone()
         return saved
 
     def _restore_update_state(self, saved: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             self.images.copy_(saved["images"])
             self.lr.copy_(saved["lr"])
-        for name, opt, param in (("img", self.opt_img, self.images), ("lr", self.opt_lr, self.lr)):
-            if f"momentum.{name}" in saved:
-                opt.state[param]["momentum_buffer"] = saved[f"momentum.{name}"]
-            else:
-                opt.state.pop(param, None)
+        if "momentum.lr" in saved:
+            self.opt_lr.state[self.lr]["momentum_buffer"] = saved["momentum.lr"]
+        else:
+            self.opt_lr.state.pop(self.lr, None)
 
     def _diverged(self) -> None:
         """Count a failure, lower the image lr and forget the image momentum."""
@@ -321,8 +326,3 @@ class Distiller:
 
     def save_checkpoint(self, path: str | Path, meta: dict[str, Any]) -> Path:
         return self.checkpoint(meta).save(path)
-
-    def load_checkpoint(self, path: str | Path) -> Checkpoint:
-        checkpoint = Checkpoint.load(path)
-        self.restore(checkpoint)
-        return checkpoint

@@ -139,9 +139,6 @@ class Engine:
         return RunContext.of(self.config, self.dataset, self.plugin_set.versions(self.enabled))
 
     # ----------------------------------------------------------- stage 1
-    def experts_dir(self) -> Path:
-        return self.folder.experts
-
     def train_experts(self, indices: Iterable[int] | None = None, *, resume: bool = False) -> list[Trajectory]:
         """Train experts (all, or those in ``indices``) and write one file each.
 
@@ -154,6 +151,7 @@ class Engine:
         indices = list(range(e.num_experts)) if indices is None else list(indices)
         if resume:
             missing = self.folder.missing_experts(indices)
+            distributed.barrier()  # every rank has looked before any rank writes
             if len(missing) < len(indices):
                 self.progress.log(f"resuming: {len(indices) - len(missing)} of {len(indices)} experts already in "
                                   f"{self.folder.experts}")
@@ -306,7 +304,7 @@ class Engine:
         if shard is not None:  # every rank starts from rank 0's images, whatever the init hook did
             with torch.no_grad():
                 shard.broadcast_(distiller.images.data)
-            distiller.image_scale = max(float(distiller.images.detach().abs().max()), 1.0)
+            distiller.image_scale = distiller.scale_of_images()
         if saved is not None:
             distiller.restore(saved)
         return distiller
@@ -343,7 +341,7 @@ class Engine:
             self.folder.create()
             store.atomic_write_text(self.folder.config, self.config.to_toml())
             log = MetricsLog(self.folder.metrics, [m.to_json() for m in distiller.history],
-                             keep_evaluations=path is not None)
+                             keep_evaluations_upto=distiller.evaluated if path is not None else None)
         else:
             log = MetricsLog(None)
         meta = self.metadata()
@@ -356,6 +354,7 @@ class Engine:
             if path is not None:  # the evaluation Ctrl-C cut short, if the checkpoint was written before it
                 self._evaluate_if_due(distiller, log, meta)
             while distiller.iteration < d.iterations:
+                distiller.raise_if_diverged()  # a resume of a run that had reached the limit
                 metrics = distiller.step()
                 if metrics.rolled_back:
                     self.progress.log(
@@ -487,9 +486,11 @@ class Engine:
         checkpoint = self.folder.checkpoint
         if resume and checkpoint.exists():
             self.check_checkpoint(checkpoint)
-        if not self.config.experts.dir:
+        if self.config.experts.dir:
+            experts = self.load_experts()
+        else:  # exactly this run's experts, not other files of the folder
             self.train_experts(resume=resume)
-        experts = self.load_experts()
+            experts = [self._load_expert(self.folder.expert(i)) for i in range(self.config.experts.num_experts)]
         if resume and not checkpoint.is_file():
             self.progress.log(f"no checkpoint in {self.out}; distilling from the start")
         distilled = self.distill(experts, resume=resume and checkpoint.is_file())

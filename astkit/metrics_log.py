@@ -15,22 +15,22 @@ class MetricsLog:
 
     ``restart_from`` (the distiller's iteration history) rewrites the file
     with those iterations, dropping records of iterations a resumed run
-    will redo; ``keep_evaluations`` keeps the file's evaluation records up
-    to the last of those iterations.
+    will redo; ``keep_evaluations_upto`` keeps the file's evaluation records
+    up to that iteration (the last one the checkpoint records as made).
     """
 
     def __init__(self, path: Path | None, restart_from: list[dict] | None = None, *,
-                 keep_evaluations: bool = False):
+                 keep_evaluations_upto: int | None = None):
         self.path = path
         if path is not None and restart_from is not None:
-            done = len(restart_from)
-            evaluations = [r for r in self._records() if r.get("event") == "evaluation"
-                           and isinstance(r.get("iteration"), int) and r["iteration"] <= done] if keep_evaluations else []
+            upto = -1 if keep_evaluations_upto is None else keep_evaluations_upto
+            evaluations = [r for r in self.records() if r.get("event") == "evaluation"
+                           and isinstance(r.get("iteration"), int) and r["iteration"] <= upto]
             records = [{"event": "iteration", **m} for m in restart_from] + evaluations
             records.sort(key=lambda r: (r["iteration"] + (-0.5 if r["event"] == "evaluation" else 0)))
             store.atomic_write_text(path, "".join(store.json_line(r) + "\n" for r in records))
 
-    def _records(self) -> list[dict]:
+    def records(self) -> list[dict]:
         """The file's records that parse (a line cut by a kill is skipped;
         non-finite numbers are ``null``)."""
         if self.path is None or not self.path.is_file():

@@ -192,18 +192,9 @@ def _new_manager() -> pluggy.PluginManager:
     return pm
 
 
-def first_result_hooks(pm: pluggy.PluginManager) -> list[str]:
-    """The hooks of ``pm`` whose specification says ``firstresult=True``
-    (as pluggy recorded it from ``@hookspec(firstresult=True)``)."""
-    return sorted(
-        name for name, caller in vars(pm.hook).items()
-        if getattr(caller, "spec", None) is not None and caller.spec.opts.get("firstresult")
-    )
-
-
 def check_conflicts(pm: pluggy.PluginManager) -> None:
     """Raise if two non-default plugins answer the same first-result hook."""
-    for hook_name in first_result_hooks(pm):
+    for hook_name in hookspecs.FIRST_RESULT_HOOKS:
         answering = [
             impl.plugin_name
             for impl in getattr(pm.hook, hook_name).get_hookimpls()

@@ -223,7 +223,8 @@ class Reporter:
                 f"| evaluation | {v.num_nets} net{'s' if v.num_nets != 1 else ''} x {v.epochs} epochs on "
                 f"{', '.join(v.models) or c.model.name} |",
                 "",
-                "The full configuration is in `config.toml` (rerun with `astkit run --config config.toml`).",
+                f"The full configuration is in `{self.folder.config.name}` (rerun with "
+                f"`astkit run --config {self.folder.config.name}`).",
                 "",
             ]
         plugins = self._plugins(distilled)
@@ -275,7 +276,7 @@ class Reporter:
                 lines.append(f"| {it} | {name} | {len(r.accuracies)} | {r.mean:.4f} ± {r.std:.4f} |")
             lines.append("")
         lines += ["## Files", ""]
-        lines += _file_list(out)
+        lines += _file_list(self.folder)
         lines.append("")
         return "\n".join(lines)
 
@@ -310,8 +311,9 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _file_list(out: Path) -> list[str]:
+def _file_list(folder: RunFolder) -> list[str]:
     """``- name (size)`` for the run folder's files; folders summarised."""
+    out = folder.root
     if not out.is_dir():
         return ["(none yet)"]
     lines = []
@@ -323,8 +325,8 @@ def _file_list(out: Path) -> list[str]:
             lines.append(f"- `{entry.name}/` ({len(members)} file{'s' if len(members) != 1 else ''})")
         else:
             lines.append(f"- `{entry.name}` ({_size(entry.stat().st_size)})")
-    if not any("report.md" in line for line in lines):
-        lines.append("- `report.md` (this file)")
+    if not folder.report.is_file():
+        lines.append(f"- `{folder.report.name}` (this file)")
     return lines
 
 

@@ -14,14 +14,10 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from astkit import store
-
-_EXPERT = re.compile(r"expert_(\d{3,})\.safetensors")
-
 
 @dataclass(frozen=True)
 class RunFolder:
@@ -70,12 +66,6 @@ class RunFolder:
     def missing_experts(self, indices) -> list[int]:
         """Those of ``indices`` whose expert file is not written yet."""
         return [i for i in indices if not self.expert(i).is_file()]
-
-    @staticmethod
-    def expert_index(path: Path) -> int | None:
-        """The index in an ``expert_NNN.safetensors`` name, else None."""
-        match = _EXPERT.fullmatch(Path(path).name)
-        return int(match.group(1)) if match else None
 
     # ------------------------------------------------------------- stages
     @property

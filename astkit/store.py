@@ -180,6 +180,8 @@ def append_line(path: str | Path, line: str) -> None:
 def _drop_partial_line(fd: int) -> int:
     """Cut the file after its last newline if it does not end in one; its size."""
     size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":  # the usual case: one byte read
+        return size
     end = size
     while end > 0:
         start = max(0, end - 65536)
@@ -212,7 +214,8 @@ def finite_json(value: Any) -> Any:
 
 
 # ------------------------------------------------------------ write errors
-#: errno of the problems :func:`raise_write_error` names (the rest are "cannot write ...: <strerror>").
+#: errno of the problems :func:`raise_write_error` names (the rest are "cannot write ...: <strerror>");
+#: an OSError with one of them is the user's environment, not a bug
 WRITE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
                           errno.EEXIST, errno.EISDIR, errno.ENOTDIR})
 _SAFETENSORS_TEXT = {"No space left": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,

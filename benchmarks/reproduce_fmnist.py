@@ -180,6 +180,7 @@ def stage_experts(protocol: dict, work: Path, seed: int, only: list[str]) -> Non
 
 def stage_distill(protocol: dict, work: Path, seed: int, only: list[str]) -> None:
     from astkit import Engine
+    from astkit.metrics_log import MetricsLog
 
     for name in only or list(RUNS):
         done = work / "runs" / name / "summary.json"
@@ -193,7 +194,7 @@ def stage_distill(protocol: dict, work: Path, seed: int, only: list[str]) -> Non
         t0 = time.perf_counter()
         distilled = engine.distill(engine.load_experts(), resume=checkpoint.is_file())
         result = engine.evaluate(distilled)
-        curve = [json.loads(line) for line in engine.folder.metrics.read_text().splitlines()]
+        curve = MetricsLog(engine.folder.metrics).records()
         curve = [(r["iteration"], r["architectures"]["convnet"]["mean"]) for r in curve if r["event"] == "evaluation"]
         save_json(done, {
             "run": name, **RUNS[name], "ipc": engine.config.distill.ipc, "learned_lr": distilled.lr,
@@ -291,7 +292,9 @@ def image_grad_norms(metrics: Path, clip: float | None = None) -> dict | None:
     """
     if not metrics.is_file():
         return None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    from astkit.metrics_log import MetricsLog
+
+    rows = MetricsLog(metrics).records()
     rows = [r for r in rows if r["event"] == "iteration" and r.get("grad_norm") is not None]  # null: NaN
     if not rows:
         return None

@@ -87,7 +87,7 @@ def astkit_init_synthetic(dataset, ipc, experts, config):
     images, labels, views = [], [], []
     for label, indices in enumerate(dataset.class_indices()):
         feats = embed(model, dataset.train_images[indices], features)
-        chosen = select_representatives(feats, ipc, clusters, seed=config.seed + label)
+        chosen = select_representatives(feats, ipc, clusters, seed=(config.seed + label) % 2**32)  # K-Means: < 2**32
         images.append(dataset.train_images[indices[chosen]])
         labels.append(torch.full((ipc,), label, dtype=torch.long))
         views.append((feats, chosen))

@@ -35,7 +35,7 @@ def experts_dir(tmp_path_factory, digits) -> Path:
     tmp = tmp_path_factory.mktemp("guarded")
     engine = Engine(tiny_config(tmp), dataset=digits)
     engine.train_experts()
-    return engine.experts_dir()
+    return engine.folder.experts
 
 
 def astkit(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -170,3 +170,10 @@ def test_resume_with_another_config_is_refused_and_the_init_hook_is_not_called(t
 
     resumed = Engine(tiny_config(tmp_path, "distill.iterations=3"), dataset=digits, plugins=[NoInit()])
     assert resumed.distill(experts, resume=True).iteration == 3
+
+
+def test_representative_init_takes_any_seed_the_config_accepts(tmp_path, digits, experts):
+    """K-Means wants a seed below 2**32; the config accepts up to 2**63 - 1."""
+    engine = Engine(tiny_config(tmp_path, f"seed={2**63 - 1}", "plugins=['representative-init']"), dataset=digits)
+    images, labels = engine.init_synthetic(experts, torch.Generator().manual_seed(0))
+    assert images.shape[0] == labels.shape[0] == 20

@@ -52,6 +52,7 @@ def _interrupt_then_resume(tmp_path, digits, experts, plugin=None, monkeypatch=N
 
 
 def _equals_uninterrupted(resumed, events, cut_at, uninterrupted):
+    assert cut_at is not None  # the stop left a checkpoint to resume from
     full, full_events = uninterrupted
     assert torch.equal(resumed.images, full.images) and resumed.lr == full.lr
     assert events == full_events  # the same experts and start epochs drawn, the same evaluations made
@@ -146,7 +147,6 @@ def test_a_planned_stop_resumes_bit_for_bit_over_many_iterations(tmp_path, digit
         if original.iteration == 4:
             original.save_checkpoint(tmp_path / "ck.safetensors", {})
     resumed = engine.make_distiller(experts, tmp_path / "ck.safetensors")
-    resumed.load_checkpoint(tmp_path / "ck.safetensors")
     for it in range(4, 16):
         resumed.step()
         assert torch.equal(resumed.images.detach(), states[it]), f"iteration {it}"
@@ -269,5 +269,41 @@ def test_image_scale_survives_resume(tmp_path, digits, experts):
     engine.distill(experts)
     resumed = Engine(tiny_config(tmp_path, "distill.iterations=3"), dataset=digits)
     distiller = resumed.make_distiller(experts, tmp_path / "run" / "checkpoint.safetensors")
-    distiller.load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
     assert distiller.image_scale == scale
+
+
+class HardKill:
+    """Stops the process's work without a checkpoint (as kill -9 would) at the end of iteration ``at``."""
+
+    astkit_plugin_name = "hard-kill"
+
+    def __init__(self, at: int):
+        self.at = at
+
+    @hookimpl
+    def astkit_on_iteration_end(self, metrics):
+        if metrics.iteration == self.at:
+            raise SystemExit("killed")
+
+
+def test_a_hard_kill_after_an_evaluation_resumes_without_a_second_record_of_it(tmp_path, digits, experts,
+                                                                              uninterrupted):
+    """The checkpoint at 2 was written before the evaluation at 2; the kill came after it was logged."""
+    config = tiny_config(tmp_path, ITERATIONS, "distill.eval_every=2")
+    with pytest.raises(SystemExit):
+        Engine(config, dataset=digits, plugins=[HardKill(at=2)]).distill(experts)
+    assert Checkpoint.read_iteration(tmp_path / "run" / "checkpoint.safetensors") == 2
+    engine = Engine(tiny_config(tmp_path, ITERATIONS, "distill.eval_every=2"), dataset=digits)
+    _equals_uninterrupted(engine.distill(experts, resume=True), _events(engine.out), 2, uninterrupted)
+
+
+def test_a_fresh_run_uses_its_own_experts_not_other_files_of_the_folder(tmp_path, digits):
+    import shutil
+
+    engine = Engine(tiny_config(tmp_path, "distill.iterations=1", "evaluate.epochs=1"), dataset=digits)
+    engine.folder.experts.mkdir(parents=True)
+    first = Engine(tiny_config(tmp_path / "other"), dataset=digits).train_experts([0])[0]
+    shutil.copy(tmp_path / "other" / "run" / "experts" / "expert_000.safetensors", engine.folder.expert(4))
+    result = engine.run()
+    assert len(result.experts) == 2  # experts.num_experts, not the leftover expert_004
+    assert torch.equal(result.experts[0].snapshots, first.snapshots)  # expert 0 is seeded by (seed, 0) alone

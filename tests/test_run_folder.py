@@ -22,7 +22,6 @@ def test_run_folder_names_every_file_of_a_run(tmp_path):
     assert folder.expert(3) == tmp_path / "out" / "experts" / "expert_003.safetensors"
     assert folder.checkpoint.name == "checkpoint.safetensors" and folder.metrics.name == "metrics.jsonl"
     assert folder.grid(12) == tmp_path / "out" / "grids" / "iter_000012.png"
-    assert RunFolder.expert_index(folder.expert(1234)) == 1234 and RunFolder.expert_index(Path("x.safetensors")) is None
     shared = RunFolder(tmp_path / "out", tmp_path / "shared")
     assert shared.expert(0) == tmp_path / "shared" / "expert_000.safetensors"
     shared.experts.mkdir()

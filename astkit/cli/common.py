@@ -219,19 +219,15 @@ def invoke(build: Callable[[], Any], argv: list[str]) -> int:
         return EXIT_FAILED
 
 
-#: errno of an OSError that is the user's environment (exit 2), not a bug
-USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR,
-                         errno.ENOTDIR})
-
-
 def os_error_message(exc: BaseException) -> str | None:
     """The one-line message for an OSError that escaped the guarded writes
     (permission denied, read-only file system, disk full, a file where a
     folder should be, or the reverse), worded by :func:`astkit.store.raise_write_error`;
     None for anything else."""
-    if not isinstance(exc, OSError) or exc.errno not in USER_ERRNOS:
-        return None
     from astkit import store
+
+    if not isinstance(exc, OSError) or exc.errno not in store.WRITE_ERRNOS - {errno.EEXIST}:
+        return None
 
     try:
         store.raise_write_error(exc.filename or "a file", exc, writing=False)
@@ -343,13 +339,6 @@ def with_stage_options(func: Callable, plugin_help: str) -> Callable:
 
 
 # ------------------------------------------------------------ config build
-def read_toml(path: Path) -> dict[str, Any]:
-    """The tables of a --config file (a folder, a missing path or bad TOML is a UserError)."""
-    from astkit.config import read_config_file
-
-    return read_config_file(path)
-
-
 def path_value(value: Any) -> Path:
     """Typer's parser of path options and arguments: an empty path is refused
     (it would silently mean the current folder)."""
@@ -388,9 +377,9 @@ def build_config(opts: StageOptions, *, base: dict[str, Any] | None = None,
 
     Plugin selections add to the config's ``plugins`` / ``disable`` lists.
     """
-    from astkit.config import RunConfig
+    from astkit.config import RunConfig, read_config_file
 
-    data = deep_merge(base or {}, read_toml(opts.config) if opts.config is not None else {})
+    data = deep_merge(base or {}, read_config_file(opts.config) if opts.config is not None else {})
     config = RunConfig.from_dict(data)
     for item in opts.set or []:
         config.apply_override(item)

@@ -39,14 +39,13 @@ def plugins(
 
     The "enabled" column shows what a run with the same --plugins / -p / --disable would use.
     """
-    from astkit import __version__
+    from astkit import __version__, hookspecs
+    from astkit.config import RunConfig, read_config_file
     from astkit.errors import AstkitError
     from astkit.plugins import declared_options
 
-    from astkit.config import RunConfig
-
     found = common.session().plugins
-    chosen = RunConfig.from_dict(common.read_toml(config)) if config is not None else RunConfig()
+    chosen = RunConfig.from_dict(read_config_file(config)) if config is not None else RunConfig()
     selection = [*chosen.plugins, *common.split_names(plugins), *[x.strip() for x in p or [] if x.strip()]]
     blocked = [*chosen.disable, *common.split_names(disable)]
     enabled = found.resolve(selection, blocked)
@@ -69,7 +68,7 @@ def plugins(
     table.add_column("distribution", no_wrap=True)
     table.add_column("entry point", no_wrap=True)
     table.add_row("astkit.defaults", "always", "the MTT baseline (answers every behaviour hook last)",
-                  "expert_loss, init_synthetic, inner_loss_weight, matching_schedule, perturb_expert",
+                  ", ".join(h.removeprefix("astkit_") for h in hookspecs.FIRST_RESULT_HOOKS),
                   f"astkit {__version__}", "astkit._defaults")
     for name, info in sorted(found.available.items()):
         hooks = ", ".join(h.removeprefix("astkit_") for h in info.hooks)
