@@ -64,6 +64,15 @@ class Checkpoint:
         checkpoint.momentum = {k[len("momentum."):]: v for k, v in tensors.items() if k.startswith("momentum.")}
         return checkpoint
 
+    def check_images(self, dataset: Any, ipc: int, path: str | Path) -> None:
+        """Raise unless the images and labels are ``ipc`` per class of ``dataset``."""
+        expected = (ipc * dataset.num_classes, dataset.channels, *dataset.image_size)
+        if tuple(self.images.shape) != expected or tuple(self.labels.shape) != (expected[0],):
+            raise UserError(
+                f"{path}: holds images {tuple(self.images.shape)}, this run makes {expected}; "
+                "resume with the config the checkpoint was made with"
+            )
+
     @staticmethod
     def iteration_in(meta: dict[str, Any]) -> int | None:
         """The iteration recorded in a checkpoint file's metadata (None if none)."""

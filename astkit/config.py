@@ -69,6 +69,7 @@ class ExpertConfig:
     batch_size: int = 256
     lr_decay: float = 1.0
     lr_decay_epoch: int | None = None
+    lr_decay_fraction: float | None = None
     reset_optimizer_on_decay: bool = False
     augment: bool = True
     dir: str | None = None
@@ -114,6 +115,7 @@ class EvalConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_decay: float = 0.1
+    momentum_after_decay: float | None = None
     augment: bool = True
     report_max: bool = False
     test_every: int = 20
@@ -151,10 +153,21 @@ class RunConfig:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- build
+    def __post_init__(self) -> None:
+        #: the dotted keys set through :meth:`set` (a file, ``--set``, ``load``):
+        #: the keys a preset's values do not override
+        self.explicit: set[str] = set()
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         """A config from nested dicts (as TOML gives), validated."""
         config = cls()
+        config.update(data)
+        return config
+
+    def update(self, data: dict[str, Any]) -> None:
+        """Set every key of nested dicts (as TOML gives), validated."""
+        config = self
         for key, value in data.items():
             if key in SECTIONS:
                 if not isinstance(value, dict):
@@ -171,7 +184,6 @@ class RunConfig:
                         config.set(f"{ns}.{sub}", subvalue)
             else:
                 config.set(key, value)
-        return config
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "RunConfig":
@@ -189,8 +201,12 @@ class RunConfig:
             raise UserError(f"override {item!r} is not of the form key=value (e.g. distill.ipc=10)")
         self.set(key.strip(), parse_value(raw.strip()))
 
-    def set(self, key: str, value: Any) -> None:
-        """Set a dotted key, converting ``value`` to the field's type."""
+    def set(self, key: str, value: Any, *, explicit: bool = True) -> None:
+        """Set a dotted key, converting ``value`` to the field's type.
+
+        ``explicit`` (the default) records the key in :attr:`explicit`, so a
+        preset's value for it is not applied over it.
+        """
         head, _, rest = key.partition(".")
         if head in SECTIONS and rest:
             _set_field(getattr(self, head), rest, value, prefix=f"{head}.")
@@ -200,6 +216,25 @@ class RunConfig:
             self.options.setdefault(head, {})[rest] = value
         else:
             raise UserError(f"unknown config key {key!r}; see `astkit run --help` or docs/configuration.md")
+        if explicit:
+            self.explicit.add(key)
+        else:
+            self.explicit.discard(key)
+
+    def get(self, key: str) -> Any:
+        """The value of a dotted key (a plugin option not set yet: ``None``)."""
+        head, _, rest = key.partition(".")
+        if head in SECTIONS and rest:
+            return getattr(getattr(self, head), rest)
+        if not rest:
+            return getattr(self, head)
+        return self.options.get(head, {}).get(rest)
+
+    def is_default(self, key: str) -> bool:
+        """Whether a section or top-level key holds astkit's default value."""
+        head, _, rest = key.partition(".")
+        fresh = RunConfig()
+        return self.get(key) == (getattr(getattr(fresh, head), rest) if rest else getattr(fresh, head))
 
     # --------------------------------------------------------------- plugins
     def plugin(self, namespace: str) -> dict[str, Any]:
@@ -264,6 +299,8 @@ class RunConfig:
             (e.weight_decay >= 0, "experts.weight_decay must be >= 0"),
             (e.lr_decay > 0, "experts.lr_decay must be > 0 (1 for no decay)"),
             (e.lr_decay_epoch is None or e.lr_decay_epoch >= 1, "experts.lr_decay_epoch must be >= 1 (or unset)"),
+            (e.lr_decay_fraction is None or 0 < e.lr_decay_fraction <= 1,
+             "experts.lr_decay_fraction must be in (0, 1] (or unset)"),
             (0 <= d.img_momentum < 1, "distill.img_momentum must be in [0, 1)"),
             (0 <= d.lr_momentum < 1, "distill.lr_momentum must be in [0, 1)"),
             (self.data.zca_eps > 0, "data.zca_eps must be > 0"),
@@ -272,6 +309,8 @@ class RunConfig:
             (v.batch_size >= 1, "evaluate.batch_size must be >= 1"),
             (v.lr is None or v.lr > 0, "evaluate.lr must be > 0 (or unset to use the learned lr)"),
             (0 <= v.momentum < 1, "evaluate.momentum must be in [0, 1)"),
+            (v.momentum_after_decay is None or 0 <= v.momentum_after_decay < 1,
+             "evaluate.momentum_after_decay must be in [0, 1) (or unset to keep evaluate.momentum)"),
             (v.weight_decay >= 0, "evaluate.weight_decay must be >= 0"),
             (v.lr_decay > 0, "evaluate.lr_decay must be > 0 (1 for no decay)"),
             (v.test_every >= 1, "evaluate.test_every must be >= 1"),

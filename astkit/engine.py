@@ -29,7 +29,7 @@ from astkit.experts import expert_seed, train_expert
 from astkit.functional import FlatModel
 from astkit.metrics_log import MetricsLog
 from astkit.models import BUILTIN_MODELS
-from astkit.plugins import GuardedHooks, PluginSet, collect_registrations, declared_options
+from astkit.plugins import GuardedHooks, PluginSet, apply_presets, collect_registrations, declared_options
 from astkit.progress import Progress
 from astkit.results import ArchitectureResult, DistilledSet, EvaluationResult, RunResult
 from astkit.run_context import RunContext
@@ -68,6 +68,8 @@ class Engine:
         self.plugin_set = plugin_set.copy() if plugin_set is not None else PluginSet.discover()
         extra = [self.plugin_set.add(p) for p in plugins]
         self.enabled = self.plugin_set.resolve([*self.config.plugins, *extra], self.config.disable)
+        if apply_presets(self.config, self.plugin_set, over_defaults_only=True):
+            self.config.validate()
         self.pm = self.plugin_set.manager(self.enabled)
         #: ``pm.hook`` with plugin failures reported by plugin name.
         self.hooks = GuardedHooks(self.pm, self.plugin_set)
@@ -289,14 +291,8 @@ class Engine:
             images, labels = self.init_synthetic(experts, generator)
         else:
             saved = Checkpoint.load(checkpoint)
+            saved.check_images(self.dataset, self.config.distill.ipc, checkpoint)
             images, labels = saved.images, saved.labels
-            ds, ipc = self.dataset, self.config.distill.ipc
-            expected = (ipc * ds.num_classes, ds.channels, *ds.image_size)
-            if tuple(images.shape) != expected or labels.shape != (expected[0],):
-                raise UserError(
-                    f"{checkpoint}: holds images {tuple(images.shape)}, this run makes {expected}; "
-                    "resume with the config the checkpoint was made with"
-                )
         module = self.model_spec.build(self.models).to(self.device)
         shard = self._batch_shard(module)
         distiller = Distiller(self.config, self.hooks, experts, FlatModel(module), self.augment, images, labels,

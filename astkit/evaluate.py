@@ -30,7 +30,8 @@ def train_on_synthetic(
 
     SGD (momentum, weight decay) at ``lr`` for ``config.epochs`` epochs over
     shuffled batches with DSA, the lr multiplied by ``lr_decay`` (and the optimiser
-    rebuilt) after epoch ``epochs // 2 + 1``; then one test on the real test set.
+    rebuilt, with momentum ``momentum_after_decay`` when set: the AST code's
+    0.8) after epoch ``epochs // 2 + 1``; then one test on the real test set.
 
     :return: ``(final accuracy, max accuracy seen every test_every epochs)``;
         the max is ``None`` unless ``config.report_max`` (it peeks at the
@@ -56,9 +57,8 @@ def train_on_synthetic(
             optimizer.step()
         if epoch == decay_at:  # MTT rebuilds the optimiser here (momentum reset)
             lr *= config.lr_decay
-            optimizer = torch.optim.SGD(
-                model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
-            )
+            momentum = config.momentum if config.momentum_after_decay is None else config.momentum_after_decay
+            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=config.weight_decay)
         if config.report_max and (epoch + 1) % config.test_every == 0:
             acc = accuracy(model, test_images, test_labels)
             best = acc if best is None else max(best, acc)

@@ -65,12 +65,19 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 def decay_epoch(config: RunConfig) -> int | None:
     """The epoch (from 0) after which the expert lr is multiplied by ``lr_decay``.
 
-    Default ``epochs // 2 + 1``, as in the MTT and AST scripts.
+    ``lr_decay_epoch`` when set; else, with ``lr_decay_fraction = f``, after
+    the first ``int(f * epochs)`` epochs (at least one), so ``f = 0.5`` halves
+    the run at half its epochs for any ``epochs`` (the AST paper); else
+    ``epochs // 2 + 1``, as in the MTT and AST scripts.
     """
     e = config.experts
     if e.lr_decay == 1.0:
         return None
-    return e.lr_decay_epoch if e.lr_decay_epoch is not None else e.epochs // 2 + 1
+    if e.lr_decay_epoch is not None:
+        return e.lr_decay_epoch
+    if e.lr_decay_fraction is not None:
+        return max(1, int(e.lr_decay_fraction * e.epochs)) - 1
+    return e.epochs // 2 + 1
 
 
 def train_expert(

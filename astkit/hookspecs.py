@@ -232,14 +232,26 @@ def astkit_register_datasets(register: Callable[..., None]) -> None:
 
 @hookspec
 def astkit_register_presets(register: Callable[..., None]) -> None:
-    """Register presets: names that stand for a list of plugins.
+    """Register presets: names that stand for a list of plugins, with the
+    config keys and plugin options they set.
 
-    Called when plugin names given by the user are resolved.
+    Called when plugin names given by the user are resolved, when a config
+    is built from a selection (the command line's config, ``Engine(config)``)
+    and by ``astkit plugins``, which lists each preset's plugins and values.
 
-    :param register: call ``register(name, [plugin, ...], description)``.
+    :param register: call ``register(name, [plugin, ...], description,
+        config={...}, options={...})``. ``config`` (optional) holds sections
+        of config keys, ``{"experts": {"lr": 0.003}}``, or top-level keys;
+        ``options`` (optional) one table per plugin namespace,
+        ``{"balanced-inner-loss": {"base": 5}}``. The values sit between
+        astkit's defaults and the user's: a key set in a config file, with
+        ``--set`` or with ``RunConfig.set``/``RunConfig.load`` keeps the
+        user's value; the run's ``config.toml`` records the result.
 
     Combination: every plugin is called; a preset name that is also a plugin
-    name, or registered twice, is an error.
+    name, or registered twice, is an error. Selecting two presets that set
+    one key to different values, or a preset whose key is no config key and
+    no declared plugin option, is an error naming the presets and the key.
     """
 
 

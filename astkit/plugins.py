@@ -54,9 +54,34 @@ class FailedPlugin:
 
 @dataclass
 class Preset:
+    """A name for a list of plugins, with the config keys and plugin options it sets.
+
+    ``config`` holds sections of config keys (``{"experts": {"lr": 0.003}}``,
+    or a top-level key such as ``{"seed": 1}``); ``options`` one table per
+    plugin namespace (``{"balanced-inner-loss": {"base": 5}}``). Their values
+    sit between astkit's defaults and the user's: a key the user sets (a
+    config file, ``--set``, ``RunConfig.set``) wins.
+    """
+
     name: str
     plugins: list[str]
     description: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def settings(self) -> dict[str, Any]:
+        """``{dotted key: value}``: every config key and plugin option the preset sets."""
+        out: dict[str, Any] = {}
+        for head, value in self.config.items():
+            if isinstance(value, dict):
+                out.update({f"{head}.{key}": sub for key, sub in value.items()})
+            else:
+                out[head] = value
+        for namespace, table in self.options.items():
+            if not isinstance(table, dict):
+                raise PluginError(f"preset {self.name!r}: options[{namespace!r}] must be a table of the plugin's keys")
+            out.update({f"{namespace}.{key}": sub for key, sub in table.items()})
+        return out
 
 
 @dataclass
@@ -113,12 +138,14 @@ class PluginSet:
         """Every preset declared by an installed plugin."""
         presets: dict[str, Preset] = {}
 
-        def register(name: str, plugins: list[str], description: str = "") -> None:
+        def register(name: str, plugins: list[str], description: str = "", *,
+                     config: dict[str, Any] | None = None, options: dict[str, dict[str, Any]] | None = None) -> None:
             if name in presets:
                 raise PluginError(f"preset {name!r} is registered twice")
             if name in self.available:
                 raise PluginError(f"preset {name!r} has the name of an installed plugin; rename it")
-            presets[name] = Preset(name, list(plugins), description)
+            presets[name] = Preset(name, list(plugins), description, dict(config or {}),
+                                   {ns: dict(table) for ns, table in (options or {}).items()})
 
         self.catalog().hook.astkit_register_presets(register=register)
         return presets
@@ -146,6 +173,32 @@ class PluginSet:
                 if name not in enabled:
                     enabled.append(name)
         return [n for n in enabled if n not in blocked]
+
+    def preset_settings(self, selection: Iterable[str]) -> dict[str, tuple[Any, str]]:
+        """``{dotted key: (value, preset)}`` for the presets named in ``selection``.
+
+        Two presets that set one key to different values are refused, and so
+        is a key that names no config key and no declared plugin option.
+        """
+        from astkit.config import RunConfig  # astkit.config does not import this module
+
+        presets = self.presets()
+        names = [item.strip() for item in selection if item.strip() in presets]
+        if not names:
+            return {}
+        declared = declared_options(self.catalog())
+        out: dict[str, tuple[Any, str]] = {}
+        for name in dict.fromkeys(names):
+            for key, value in presets[name].settings().items():
+                _check_preset_key(name, key, value, declared, RunConfig())
+                if key in out and out[key][0] != value:
+                    other, theirs = out[key][1], out[key][0]
+                    raise PluginError(
+                        f"presets {other!r} and {name!r} both set {key} ({theirs!r} and {value!r}); "
+                        "select one preset per run (`astkit plugins` lists what each sets)"
+                    )
+                out.setdefault(key, (value, name))
+        return out
 
     def _check_name(self, name: str, presets: dict[str, Preset], allow_preset: bool) -> str:
         if name in self.available or (allow_preset and name in presets):
@@ -184,6 +237,57 @@ class PluginSet:
             info = self.available[name]
             out[name] = " ".join(x for x in (info.distribution, info.version) if x) or info.entry_point
         return out
+
+
+def _check_preset_key(preset: str, key: str, value: Any, declared: dict[str, dict[str, Any]], probe: Any) -> None:
+    """``key`` is a config key (with a valid value) or a declared plugin option; else a one-line error."""
+    from astkit.config import SECTIONS
+
+    head, _, rest = key.partition(".")
+    if head in ("plugins", "disable", "options") and not rest:
+        raise PluginError(f"preset {preset!r} sets {key!r}; a preset lists its plugins itself, "
+                          "and sets plugin options in its options table")
+    if head in SECTIONS or not rest:
+        try:
+            probe.set(key, value)
+        except AstkitError as exc:
+            raise PluginError(f"preset {preset!r} sets {key!r}, which astkit refuses: {exc}") from None
+        return
+    if head not in declared or rest not in declared[head] or "." in rest:
+        raise PluginError(
+            f"preset {preset!r} sets {key!r}, which is no config key and no declared plugin option "
+            "(see `astkit plugins` and docs/configuration.md); fix the preset"
+        )
+
+
+def apply_presets(config: Any, plugin_set: "PluginSet", *, over_defaults_only: bool = False) -> dict[str, str]:
+    """Give ``config`` the config keys and plugin options of the presets in ``config.plugins``.
+
+    A key in ``config.explicit`` (set by a config file, ``--set`` or
+    :meth:`RunConfig.set`) keeps its value. With ``over_defaults_only`` (the
+    Python API, where a field may have been assigned directly), a key is also
+    kept unless it still holds astkit's default (a plugin option: unset or
+    the plugin's default). Returns ``{key: preset}`` for the keys applied.
+    """
+    settings = plugin_set.preset_settings(config.plugins)
+    if not settings:
+        return {}
+    declared = declared_options(plugin_set.catalog()) if over_defaults_only else {}
+    applied = {}
+    for key, (value, preset) in settings.items():
+        if key in config.explicit:
+            continue
+        if over_defaults_only:
+            head, _, rest = key.partition(".")
+            if head in declared and rest in declared[head]:
+                current = config.options.get(head, {})
+                if rest in current and current[rest] != declared[head][rest]:
+                    continue
+            elif not config.is_default(key):
+                continue
+        config.set(key, value, explicit=False)
+        applied[key] = preset
+    return applied
 
 
 def _new_manager() -> pluggy.PluginManager:

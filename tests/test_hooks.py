@@ -161,7 +161,7 @@ def test_register_models_datasets_presets_and_commands():
     assert "my-data" in collect_registrations(catalog, "dataset", {})
     assert found.presets()["my-preset"].plugins == ["registrar"]
     presets = []
-    catalog.hook.astkit_register_presets(register=lambda *a: presets.append(a))
+    catalog.hook.astkit_register_presets(register=lambda *a, **config_and_options: presets.append(a))
     assert ("my-preset", ["registrar"], "just me") in presets
     catalog.hook.astkit_register_commands(app="the-app")
     assert calls == ["the-app"]

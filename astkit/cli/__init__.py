@@ -50,7 +50,8 @@ def plugin_help_text(found: Any) -> str:
         presets = {}
         text += f" Presets unavailable: {exc}."
     if presets:
-        text += " Presets: " + "; ".join(f"{p.name} = {', '.join(p.plugins)}" for p in presets.values()) + "."
+        text += " Presets: " + "; ".join(f"{p.name} = {', '.join(p.plugins) or 'no plugin'}" for p in presets.values())
+        text += " (presets also set config keys, listed by `astkit plugins`; --set overrides them)."
     names = sorted(found.available)
     text += f" Installed plugins: {', '.join(names) if names else 'none'} (see `astkit plugins`)."
     if found.failed:

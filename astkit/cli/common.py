@@ -361,26 +361,21 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def build_config(opts: StageOptions, *, base: dict[str, Any] | None = None,
                  shortcuts: dict[str, Any] | None = None):
-    """The run's config: ``base`` < ``--config`` < ``--set`` < dedicated options.
+    """The run's config: ``base`` < presets < ``--config`` < ``--set`` < dedicated options.
 
-    Plugin selections add to the config's ``plugins`` / ``disable`` lists.
+    Plugin selections add to the config's ``plugins`` / ``disable`` lists;
+    the config keys and plugin options of the selected presets then fill
+    every key the user did not set (``base``, a file's recorded config, does
+    not count as set by the user).
     """
     from astkit.config import RunConfig, read_config_file
+    from astkit.plugins import apply_presets
 
-    data = deep_merge(base or {}, read_config_file(opts.config) if opts.config is not None else {})
-    config = RunConfig.from_dict(data)
+    config = RunConfig.from_dict(base or {})
+    config.explicit.clear()
+    config.update(read_config_file(opts.config) if opts.config is not None else {})
     for item in opts.set or []:
         config.apply_override(item)
     dedicated = {
@@ -398,6 +393,7 @@ def build_config(opts: StageOptions, *, base: dict[str, Any] | None = None,
     selection = split_names(opts.plugins) + [p.strip() for p in opts.p or [] if p.strip()]
     config.plugins = list(dict.fromkeys([*config.plugins, *selection]))
     config.disable = list(dict.fromkeys([*config.disable, *split_names(opts.disable)]))
+    apply_presets(config, session().plugins)
     return config
 
 

@@ -81,9 +81,15 @@ def plugins(
         table = Table(title="Presets (use like a plugin name: --plugins NAME)", title_justify="left")
         table.add_column("preset", no_wrap=True, style="bold")
         table.add_column("plugins")
+        table.add_column("sets (config keys and plugin options; --set overrides)")
         table.add_column("description")
         for preset in presets.values():
-            table.add_row(escape(preset.name), escape(", ".join(preset.plugins)), escape(preset.description))
+            try:
+                sets = "\n".join(f"{key} = {json.dumps(value)}" for key, value in preset.settings().items())
+            except AstkitError as exc:
+                sets = f"(invalid: {exc})"
+            table.add_row(escape(preset.name), escape(", ".join(preset.plugins) or "(none)"), escape(sets or "-"),
+                          escape(preset.description))
         console.print(table)
     if options:
         table = Table(title=escape("Plugin options (--set NAMESPACE.KEY=VALUE, or [options.NAMESPACE] in TOML)"),
