@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astkit import store
 from astkit.errors import UserError
 
 
@@ -346,13 +347,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """The tables of a TOML config file; a missing path, a folder or bad TOML is a UserError."""
     if not str(path).strip():
         raise UserError("the config file path is empty; pass --config FILE.toml")
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"config file {path} is a folder, not a TOML file; pass the .toml file itself")
-    if not path.exists():
-        raise UserError(f"config file {path} does not exist; check the --config path")
-    if not path.is_file():
-        raise UserError(f"config file {path} is not a regular file; pass a .toml file")
+    path = store.require_file(path, "a TOML file", named="config file", fix="pass the .toml file itself")
     try:
         text = path.read_text()
     except UnicodeDecodeError:

@@ -64,6 +64,22 @@ def load(path: str | Path, kind: str | None = None) -> tuple[dict[str, torch.Ten
     return tensors, meta
 
 
+def require_file(path: str | Path, what: str, *, named: str = "",
+                 fix: str = "pass a file (e.g. one of the .safetensors files in it)") -> Path:
+    """``path`` as a Path if it is an existing regular file; else a one-line
+    :class:`UserError` that says what it is instead (``named`` precedes the
+    path in the message, ``fix`` follows a folder's)."""
+    path = Path(path)
+    label = f"{named} {path}" if named else str(path)
+    if path.is_dir():
+        raise UserError(f"{label} is a folder, not {what}; {fix}")
+    if not path.exists():
+        raise UserError(f"{label} does not exist (no such file); check the path")
+    if not path.is_file():
+        raise UserError(f"{label} is not a regular file; pass {what}")
+    return path
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON metadata of an astkit file, without loading its tensors."""
     path = Path(path)

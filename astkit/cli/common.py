@@ -349,18 +349,6 @@ def path_value(value: Any) -> Path:
     return Path(value)
 
 
-def require_file(path: Path, what: str) -> Path:
-    """``path`` is an existing file; else a one-line UserError that says what it is instead."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a folder, not {what}; pass a file (e.g. one of the .safetensors files in it)")
-    if not path.exists():
-        raise UserError(f"{path} does not exist (no such file); check the path")
-    if not path.is_file():
-        raise UserError(f"{path} is not a regular file; pass {what}")
-    return path
-
-
 def build_config(opts: StageOptions, *, base: dict[str, Any] | None = None,
                  shortcuts: dict[str, Any] | None = None):
     """The run's config: ``base`` < presets < ``--config`` < ``--set`` < dedicated options.

@@ -137,7 +137,7 @@ def show(
     from astkit import store
     from astkit.config import dump_toml
 
-    common.require_file(file, "an astkit file")
+    store.require_file(file, "an astkit file")
     meta = store.read_metadata(file)
     tensors, _ = store.load(file)
     kind = meta.get("kind")

@@ -216,7 +216,7 @@ def evaluate(opts: StageOptions,
     from astkit.errors import UserError
     from astkit.results import DistilledSet
 
-    meta = store.read_metadata(common.require_file(file, "a distilled set"))
+    meta = store.read_metadata(store.require_file(file, "a distilled set"))
     if meta.get("kind") != "distilled":
         raise UserError(f"{file}: expected an astkit distilled file, this one holds a {meta.get('kind')}; "
                         "pass a distilled.safetensors (astkit show FILE tells what a file holds)")
