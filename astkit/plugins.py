@@ -7,15 +7,18 @@ for a third-party package (astkit's own AST techniques included)::
     my-technique = "my_package.my_module"
 
 The entry-point name is the plugin's name. Loading every installed plugin is
-cheap and safe: one that fails to import is recorded with the reason and the
-others keep working. Which plugins *act* on a run is the user's choice
+cheap and safe: one that fails to import, or that :func:`check_plugin`
+refuses (a hook astkit would call wrongly or never), is recorded with the
+reason and the others keep working. Which plugins *act* on a run is the user's choice
 (``plugins = ["ast"]``, ``--plugins a,b``, ``-p no:NAME``); the MTT baseline
 in :mod:`astkit._defaults` is always registered last.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -40,7 +43,9 @@ class PluginInfo:
 
     @property
     def hooks(self) -> list[str]:
-        return sorted(n for n in dir(self.plugin) if n.startswith("astkit_") and callable(getattr(self.plugin, n)))
+        """The hooks the plugin implements: marked ``@astkit.hookimpl`` and named after a spec."""
+        specs = hook_specs()
+        return sorted({hook for hook, _ in _hookimpls(self.plugin) if hook in specs})
 
 
 @dataclass
@@ -101,8 +106,10 @@ class PluginSet:
                 continue  # the same distribution seen twice on sys.path
             try:
                 plugin = ep.load()
+                check_plugin(ep.name, plugin)
             except Exception as exc:  # a broken plugin must not break the others
-                found.failed.append(FailedPlugin(ep.name, ep.value, f"{type(exc).__name__}: {exc}"))
+                error = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+                found.failed.append(FailedPlugin(ep.name, ep.value, " ".join(error.split())))
                 continue
             dist = ep.dist
             found.available[ep.name] = PluginInfo(
@@ -117,9 +124,13 @@ class PluginSet:
         return PluginSet(dict(self.available), list(self.failed))
 
     def add(self, plugin: Any, name: str | None = None) -> str:
-        """Make a plugin object available under ``name`` (default: its own)."""
+        """Make a plugin object available under ``name`` (default: its own).
+
+        A plugin :func:`check_plugin` refuses raises its :class:`PluginError`.
+        """
         name = name or getattr(plugin, "astkit_plugin_name", None) or getattr(plugin, "__name__", None)
         name = name or type(plugin).__name__
+        check_plugin(name, plugin)
         if name in self.available and self.available[name].plugin is not plugin:
             raise PluginError(f"a plugin named {name!r} is already installed; give yours another name")
         module = getattr(plugin, "__module__", None) or getattr(plugin, "__name__", "")
@@ -294,6 +305,74 @@ def _new_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager("astkit")
     pm.add_hookspecs(hookspecs)
     return pm
+
+
+def hook_specs() -> dict[str, list[str]]:
+    """``{hook name: argument names}`` of every spec in :mod:`astkit.hookspecs`, read at each call."""
+    return {name: list(inspect.signature(spec).parameters) for name, spec in vars(hookspecs).items()
+            if name.startswith("astkit_") and callable(spec) and hasattr(spec, "astkit_spec")}
+
+
+def _hookimpls(plugin: Any) -> list[tuple[str, pluggy.HookImpl]]:
+    """``(hook name, implementation)`` for each ``@astkit.hookimpl`` of ``plugin``, found as pluggy finds them."""
+    pm = pluggy.PluginManager("astkit")  # no specs: nothing is verified, every marked function is kept
+    pm.register(plugin, name="plugin")
+    return [(caller.name, impl) for caller in pm.get_hookcallers(plugin) or [] for impl in caller.get_hookimpls()]
+
+
+def _guess(name: str, choices: Iterable[str]) -> str:
+    """``"did you mean X?"`` for the choice closest to ``name``, or ``""``."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"did you mean {close[0]}?" if close else ""
+
+
+def check_plugin(name: str, plugin: Any) -> None:
+    """Refuse, in one line naming the plugin and the hook, a plugin astkit would call wrongly or never.
+
+    Refused: a hook implementation with an argument its spec does not pass; a
+    function marked ``@astkit.hookimpl``, or a callable named ``astkit_*``,
+    whose name is no hook; a function named after a hook but not marked
+    ``@astkit.hookimpl`` (pluggy would ignore it); a wrapper that is not a
+    generator function, or that is both ``wrapper`` and ``hookwrapper``.
+    """
+    specs = hook_specs()
+    listed = "see docs/hooks.md for the hooks"
+    for hook, impl in _hookimpls(plugin):
+        if hook not in specs:
+            raise PluginError(f"plugin {name!r}: {hook} is marked @astkit.hookimpl but is no astkit hook"
+                              f" ({_guess(hook, specs) or listed}); rename it, or remove the marker")
+        unknown = [arg for arg in [*impl.argnames, *impl.kwargnames] if arg not in specs[hook]]
+        if unknown:
+            guesses = [f"{close[0]!r} for {arg!r}" if len(unknown) > 1 else repr(close[0])
+                       for arg in unknown if (close := difflib.get_close_matches(arg, specs[hook], n=1))]
+            hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+            raise PluginError(
+                f"plugin {name!r}: {hook} takes argument{'s' * (len(unknown) > 1)} "
+                f"{', '.join(map(repr, unknown))}, which the hook does not pass{hint}; "
+                f"take only the hook's arguments: {', '.join(specs[hook]) or 'none'}"
+            )
+        if impl.wrapper and impl.hookwrapper:
+            raise PluginError(f"plugin {name!r}: {hook} is marked both wrapper=True and hookwrapper=True; "
+                              "keep wrapper=True")
+        if (impl.wrapper or impl.hookwrapper) and not inspect.isgeneratorfunction(impl.function):
+            raise PluginError(f"plugin {name!r}: {hook} is marked as a wrapper but is no generator function; "
+                              "a wrapper gets the answer of the rest of the chain with `result = yield`")
+    marker = pluggy.PluginManager("astkit")
+    for attr in dir(plugin):
+        if not attr.startswith("astkit_") or marker.parse_hookimpl_opts(plugin, attr) is not None:
+            continue
+        if not callable(getattr(plugin, attr, None)):
+            continue  # astkit_plugin_name and other plain values
+        if attr not in specs:
+            raise PluginError(f"plugin {name!r}: {attr} is no astkit hook ({_guess(attr, specs) or listed}); "
+                              "rename it (names starting with astkit_ are kept for hooks)")
+        raise PluginError(f"plugin {name!r}: {attr} is named after a hook but astkit would never call it; "
+                          "decorate it with @astkit.hookimpl")
+    try:
+        _new_manager().register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:  # anything pluggy refuses that the checks above do not name
+        reason = ": ".join(line.strip() for line in str(exc).splitlines())
+        raise PluginError(f"plugin {name!r} is refused by pluggy: {reason}; fix the hook it names") from None
 
 
 def check_conflicts(pm: pluggy.PluginManager) -> None:
