@@ -91,6 +91,11 @@ class DistillConfig:
     img_momentum: float = 0.5
     lr_momentum: float = 0.5
     learn_lr: bool = True
+    learn_labels: bool = False
+    lr_labels: float = 2.0
+    labels_momentum: float = 0.9
+    label_temperature: float = 1.0
+    max_loss_to_update: float | None = None
     batch_syn: int | None = None
     student_momentum: float = 0.0
     recompute_segment: int = 0
@@ -304,6 +309,11 @@ class RunConfig:
              "experts.lr_decay_fraction must be in (0, 1] (or unset)"),
             (0 <= d.img_momentum < 1, "distill.img_momentum must be in [0, 1)"),
             (0 <= d.lr_momentum < 1, "distill.lr_momentum must be in [0, 1)"),
+            (d.lr_labels > 0, "distill.lr_labels must be > 0"),
+            (0 <= d.labels_momentum < 1, "distill.labels_momentum must be in [0, 1)"),
+            (d.label_temperature > 0, "distill.label_temperature must be > 0"),
+            (d.max_loss_to_update is None or d.max_loss_to_update > 0,
+             "distill.max_loss_to_update must be > 0 (or unset to update after every iteration)"),
             (self.data.zca_eps > 0, "data.zca_eps must be > 0"),
             (v.num_nets >= 1, "evaluate.num_nets must be >= 1"),
             (v.epochs >= 1, "evaluate.epochs must be >= 1"),

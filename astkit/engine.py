@@ -17,12 +17,13 @@ from typing import Any, Iterable
 import torch
 
 from astkit import _defaults, distributed, process, store
+from astkit import labels as label_rules
 from astkit.augment import DSA, build_augmentation
 from astkit.checkpoint import Checkpoint
 from astkit.collectives import BatchShard
 from astkit.config import RunConfig
 from astkit.data import BUILTIN_DATASETS, Dataset, load_dataset
-from astkit.distill import Distiller
+from astkit.distill import Distiller, checked_student_loss
 from astkit.errors import DivergenceError, UserError
 from astkit.evaluate import train_on_synthetic
 from astkit.experts import expert_seed, train_expert
@@ -269,13 +270,19 @@ class Engine:
         answer = self.hooks.astkit_init_synthetic(
             dataset=ds, ipc=ipc, experts=experts, generator=generator, config=self.config
         )
-        images, labels = answer
+        try:
+            images, labels = answer
+        except (TypeError, ValueError):
+            raise UserError(f"astkit_init_synthetic returned {type(answer).__name__}; it must be (images, labels)") from None
         expected = (ipc * ds.num_classes, ds.channels, *ds.image_size)
-        if tuple(images.shape) != expected or labels.shape != (expected[0],):
+        if not torch.is_tensor(images) or tuple(images.shape) != expected:
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise UserError(
-                f"astkit_init_synthetic returned images {tuple(images.shape)}, expected {expected} with labels; fix or disable the init plugin"
+                f"astkit_init_synthetic returned images {shape}, expected {expected}; fix or disable the init plugin"
             )
-        return images.float(), labels.long()
+        labels = label_rules.checked(labels, expected[0], ds.num_classes, "astkit_init_synthetic returned labels that "
+                                     "do not fit (fix or disable the init plugin)")
+        return images.float(), labels
 
     def make_distiller(self, experts: list[Trajectory], checkpoint: Path | None = None) -> Distiller:
         """A distiller at iteration 0 (images from the init hook), or restored
@@ -342,7 +349,7 @@ class Engine:
             log = MetricsLog(None)
         meta = self.metadata()
         if main:
-            self.hooks.astkit_on_distill_start(images=distiller.images.detach(), labels=distiller.labels,
+            self.hooks.astkit_on_distill_start(images=distiller.images.detach(), labels=distiller.labels.detach(),
                                                iteration=distiller.iteration, run=self.run_context, config=self.config)
         self.progress.start("distill", "distilling", d.iterations)
         self.progress.advance("distill", distiller.iteration)
@@ -351,6 +358,10 @@ class Engine:
                 self._evaluate_if_due(distiller, log, meta)
             while distiller.iteration < d.iterations:
                 distiller.raise_if_diverged()  # a resume of a run that had reached the limit
+                if main:
+                    self.hooks.astkit_on_iteration_start(iteration=distiller.iteration, images=distiller.images.detach(),
+                                                         labels=distiller.labels.detach(), run=self.run_context,
+                                                         config=self.config)
                 metrics = distiller.step()
                 if metrics.rolled_back:
                     self.progress.log(
@@ -387,6 +398,7 @@ class Engine:
         if main:
             self.hooks.astkit_on_checkpoint_written(path=str(saved), iteration=distilled.iteration, run=self.run_context,
                                                     config=self.config)
+            self.hooks.astkit_on_distill_end(distilled=distilled, run=self.run_context, config=self.config)
         distributed.barrier()  # the files exist before any rank goes on
         self.history = distiller.history
         return distilled
@@ -453,7 +465,7 @@ class Engine:
                 model = spec.build(self.models).to(self.device)
                 final, best = train_on_synthetic(
                     model, distilled.images, distilled.labels, lr, v, self.augment,
-                    ds.test_images, ds.test_labels, generator=generator,
+                    ds.test_images, ds.test_labels, generator=generator, loss_fn=self.student_loss,
                 )
                 finals[net] = final
                 if best is not None:
@@ -467,6 +479,11 @@ class Engine:
             self.hooks.astkit_on_evaluation_done(result=result, iteration=iteration, run=self.run_context,
                                                  config=self.config)
         return result
+
+    def student_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses on synthetic data (``astkit_student_loss``): the
+        loss the student is unrolled with, and the one evaluation trains with."""
+        return checked_student_loss(self.hooks, logits, labels, self.config)
 
     # ---------------------------------------------------------------- all
     def run(self, *, resume: bool = False) -> RunResult:

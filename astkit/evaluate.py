@@ -25,11 +25,14 @@ def train_on_synthetic(
     *,
     generator: torch.Generator,
     on_epoch: Callable[[int], None] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[float, float | None]:
     """MTT's evaluation protocol on one fresh network.
 
     SGD (momentum, weight decay) at ``lr`` for ``config.epochs`` epochs over
-    shuffled batches with DSA, the lr multiplied by ``lr_decay`` (and the optimiser
+    shuffled batches with DSA, minimising the mean of ``loss_fn(logits,
+    labels)`` (per-sample losses; default: cross-entropy on hard labels, soft
+    labels need the engine's ``astkit_student_loss``), the lr multiplied by ``lr_decay`` (and the optimiser
     rebuilt, with momentum ``momentum_after_decay`` when set: the AST code's
     0.8) after epoch ``epochs // 2 + 1``; then one test on the real test set.
 
@@ -51,7 +54,8 @@ def train_on_synthetic(
             x = images[idx]
             if config.augment and augment.enabled:
                 x = augment(x, generator=generator)
-            loss = F.cross_entropy(model(x), labels[idx])
+            logits = model(x)
+            loss = loss_fn(logits, labels[idx]).mean() if loss_fn is not None else F.cross_entropy(logits, labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -118,17 +118,22 @@ def train_expert(
             idx = order[start : start + e.batch_size]
             clean = images[idx].to(device)
             x = augment(clean, generator=generator) if (e.augment and augment.enabled) else clean
-            batch = ExpertBatch(model, x, labels[idx].to(device), clean)
-            loss = hooks.astkit_expert_loss(batch=batch, epoch=epoch, num_epochs=e.epochs, config=config)
-            if loss is None or not torch.is_tensor(loss) or loss.ndim != 0:
-                raise UserError("the astkit_expert_loss hook must return a scalar tensor; fix or disable the plugin that answers it")
-            if not torch.isfinite(loss):
-                raise UserError(
-                    f"expert {index} diverged at epoch {epoch} (loss {float(loss)}); lower experts.lr"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            y = labels[idx].to(device)
+
+            def closure() -> torch.Tensor:
+                loss = hooks.astkit_expert_loss(batch=ExpertBatch(model, x, y, clean), epoch=epoch,
+                                                num_epochs=e.epochs, config=config)
+                if loss is None or not torch.is_tensor(loss) or loss.ndim != 0:
+                    raise UserError("the astkit_expert_loss hook must return a scalar tensor; fix or disable the plugin that answers it")
+                if not torch.isfinite(loss):
+                    raise UserError(f"expert {index} diverged at epoch {epoch} (loss {float(loss)}); lower experts.lr")
+                return loss
+
+            loss = hooks.astkit_expert_step(model=model, closure=closure, optimizer=optimizer, epoch=epoch,
+                                            num_epochs=e.epochs, config=config)
+            if not torch.is_tensor(loss) or loss.numel() != 1:
+                raise UserError("the astkit_expert_step hook must return the batch's loss as a scalar tensor; "
+                                "fix or disable the plugin that answers it")
             total += loss.item() * idx.numel()
             count += idx.numel()
         if decay_at is not None and epoch == decay_at:

@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from astkit import labels as label_rules
+
 from astkit import store
 from astkit.results import DistilledSet
 
@@ -101,7 +103,8 @@ def save_grid(
     from matplotlib.figure import Figure
 
     path = Path(path)
-    labels = labels.detach().long().cpu().flatten()
+    labels = label_rules.classes(labels.detach().cpu())  # soft labels: their argmax class
+    labels = labels.long().flatten()
     pixels = denormalise(images, mean, std, zca)
     mosaic, classes, cols = _mosaic(pixels, labels)
     height, width = mosaic.shape[:2]

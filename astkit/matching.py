@@ -73,24 +73,27 @@ def plan_steps(
 
 
 def student_step(forward, theta, velocity, images, labels, lr, step_plan, augment, inner_weight, momentum,
-                 create_graph, shard=None):
+                 create_graph, shard=None, loss_fn=None):
     """One SGD step of the student: ``theta - lr * b`` (``b`` the heavy-ball velocity).
 
-    With a :class:`~astkit.collectives.BatchShard`, this rank computes the
-    gradient on its rows of the (augmented) mini-batch and the ranks' parts
-    are summed: every rank takes the same step as a single process would.
+    The inner loss is the mean of ``loss_fn(logits, labels)`` (per-sample
+    losses; default: cross-entropy on hard labels). With a
+    :class:`~astkit.collectives.BatchShard`, this rank computes the gradient
+    on its rows of the (augmented) mini-batch and the ranks' parts are
+    summed: every rank takes the same step as a single process would.
     """
     idx, params = step_plan
     x, y = (images, labels) if idx is None else (images[idx], labels[idx])
     if params is not None:
         x = augment.apply(x, params)
+    loss_fn = loss_fn or _cross_entropy
     if shard is None:
-        loss = F.cross_entropy(forward(theta, x), y)
+        loss = loss_fn(forward(theta, x), y).mean()
         point = theta
     else:
         rows = shard.rows(x.shape[0])
         point = shard.replicated(theta)
-        loss = F.cross_entropy(forward(point, x[rows]), y[rows], reduction="sum") / x.shape[0]
+        loss = loss_fn(forward(point, x[rows]), y[rows]).sum() / x.shape[0]
     if inner_weight != 1.0:
         loss = loss * inner_weight
     (grad,) = torch.autograd.grad(loss, point, create_graph=create_graph)
@@ -100,6 +103,10 @@ def student_step(forward, theta, velocity, images, labels, lr, step_plan, augmen
         velocity = grad if velocity is None else momentum * velocity + grad
         grad = velocity
     return theta - lr * grad, velocity
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, reduction="none")
 
 
 def unroll(
@@ -118,6 +125,7 @@ def unroll(
     keep: set[int] | None = None,
     segment: int = 0,
     shard: Any = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Run ``syn_steps`` differentiable SGD steps of the student.
 
@@ -132,6 +140,10 @@ def unroll(
     the backward pass: the same gradients, with memory that no longer grows
     with ``syn_steps``, for one more first-order step per recomputed step.
 
+    ``loss_fn(logits, labels)`` gives the per-sample inner losses (default:
+    cross-entropy on hard labels); ``labels`` may be soft and require grad,
+    and then receive the meta-gradient too.
+
     ``shard`` (a :class:`~astkit.collectives.BatchShard`, under torchrun)
     splits every step's mini-batch across the ranks. Every rank must call
     ``unroll`` with the same arguments; the student and the lr's gradient are
@@ -139,18 +151,19 @@ def unroll(
     rows it processed (sum them over ranks for the full gradient).
 
     :return: ``{step: theta_step}`` for the steps in ``keep`` (default: the
-        last), each differentiable with respect to ``images`` and ``lr``.
+        last), each differentiable with respect to ``images``, ``lr`` (and
+        ``labels`` when they require grad).
     """
     keep_steps = sorted({syn_steps} if keep is None else set(keep))
     plan = plan_steps(images, syn_steps, batch_syn, augment, generator)
-    args = (forward, labels, plan, augment, inner_weight, momentum, shard)
+    args = (forward, plan, augment, inner_weight, momentum, shard, loss_fn)
     if segment and segment < syn_steps:
-        outs = _RecomputedUnroll.apply(images, lr, start, args, keep_steps, segment)
+        outs = _RecomputedUnroll.apply(images, lr, labels, start, args, keep_steps, segment)
         return dict(zip(keep_steps, outs))
     theta, velocity, kept = start, None, {}
     for step, step_plan in enumerate(plan, 1):
         theta, velocity = student_step(forward, theta, velocity, images, labels, lr, step_plan, augment,
-                                       inner_weight, momentum, create_graph=True, shard=shard)
+                                       inner_weight, momentum, create_graph=True, shard=shard, loss_fn=loss_fn)
         if step in keep_steps:
             kept[step] = theta
     return kept
@@ -165,42 +178,43 @@ class _RecomputedUnroll(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, images, lr, start, args, keep_steps, segment):
-        forward, labels, plan, augment, inner_weight, momentum, shard = args
+    def forward(ctx, images, lr, labels, start, args, keep_steps, segment):
+        forward, plan, augment, inner_weight, momentum, shard, loss_fn = args
         theta, velocity = start.detach(), None
         last = (len(plan) - 1) // segment * segment  # where the last segment starts
         boundaries, kept = {0: (theta, None)}, {}
-        x, alpha = images.detach(), lr.detach()
+        x, alpha, y = images.detach(), lr.detach(), labels.detach()
         with torch.enable_grad():
             for step in range(1, last + 1):
-                new, velocity = student_step(forward, theta.requires_grad_(True), velocity, x, labels, alpha,
+                new, velocity = student_step(forward, theta.requires_grad_(True), velocity, x, y, alpha,
                                              plan[step - 1], augment, inner_weight, momentum, create_graph=False,
-                                             shard=shard)
+                                             shard=shard, loss_fn=loss_fn)
                 theta = new.detach()
                 velocity = velocity.detach() if velocity is not None else None
                 if step % segment == 0:
                     boundaries[step] = (theta, velocity)
                 if step in keep_steps:
                     kept[step] = theta
-            tail = _segment_graph(args, last, len(plan), theta, velocity, images, lr)
+            tail = _segment_graph(args, last, len(plan), theta, velocity, images, lr, labels, ctx.needs_input_grad[2])
         kept.update({step: theta.detach() for step, theta in tail.thetas.items() if step in keep_steps})
-        ctx.save_for_backward(images, lr)
+        ctx.save_for_backward(images, lr, labels)
         ctx.args, ctx.keep_steps, ctx.segment, ctx.boundaries, ctx.tail = args, keep_steps, segment, boundaries, tail
         return tuple(kept[k] for k in keep_steps)
 
     @staticmethod
     def backward(ctx, *grad_kept):
-        images, lr = ctx.saved_tensors
+        images, lr, labels = ctx.saved_tensors
         direct = {k: g for k, g in zip(ctx.keep_steps, grad_kept) if g is not None}
         image_grad, lr_grad = torch.zeros_like(images), torch.zeros_like(lr)
+        label_grad = torch.zeros_like(labels) if ctx.needs_input_grad[2] else None
         a_theta = a_velocity = None
         for s in sorted(ctx.boundaries, reverse=True):
             if ctx.tail is not None and ctx.tail.start == s:
                 graph, ctx.tail = ctx.tail, None  # built by the forward pass; freed once used
             else:
-                e = min(s + ctx.segment, len(ctx.args[2]))
+                e = min(s + ctx.segment, len(ctx.args[1]))
                 with torch.enable_grad():
-                    graph = _segment_graph(ctx.args, s, e, *ctx.boundaries[s], images, lr)
+                    graph = _segment_graph(ctx.args, s, e, *ctx.boundaries[s], images, lr, labels, label_grad is not None)
             with torch.enable_grad():
                 total = None
                 for step, theta in graph.thetas.items():
@@ -212,7 +226,11 @@ class _RecomputedUnroll(torch.autograd.Function):
                     total = _add(total, (a_velocity * graph.velocity).sum())
                 if total is None:
                     continue
-                inputs = [graph.theta0, graph.x, graph.alpha] + ([graph.velocity0] if graph.velocity0 is not None else [])
+                inputs = [graph.theta0, graph.x, graph.alpha]
+                if graph.velocity0 is not None:
+                    inputs.append(graph.velocity0)
+                if label_grad is not None:
+                    inputs.append(graph.y)
                 grads = torch.autograd.grad(total, inputs, allow_unused=True)
             a_theta = grads[0]
             if grads[1] is not None:
@@ -220,7 +238,9 @@ class _RecomputedUnroll(torch.autograd.Function):
             if grads[2] is not None:
                 lr_grad += grads[2]
             a_velocity = grads[3] if graph.velocity0 is not None else None
-        return image_grad, lr_grad, None, None, None, None
+            if label_grad is not None and grads[-1] is not None:
+                label_grad += grads[-1]
+        return image_grad, lr_grad, label_grad, None, None, None, None
 
 
 @dataclass
@@ -232,27 +252,34 @@ class _SegmentGraph:
     velocity0: Optional[torch.Tensor]
     x: torch.Tensor
     alpha: torch.Tensor
+    y: torch.Tensor
     thetas: dict[int, torch.Tensor]
     theta: torch.Tensor
     velocity: Optional[torch.Tensor]
 
 
-def _segment_graph(args, start, end, theta_s, velocity_s, images, lr) -> _SegmentGraph:
+def _segment_graph(args, start, end, theta_s, velocity_s, images, lr, labels, label_grad) -> _SegmentGraph:
     """Run steps ``start+1..end`` from detached copies, keeping the graph (call under enable_grad)."""
-    forward, labels, plan, augment, inner_weight, momentum, shard = args
+    forward, plan, augment, inner_weight, momentum, shard, loss_fn = args
     theta0 = theta_s.detach().requires_grad_(True)
     velocity0 = velocity_s.detach().requires_grad_(True) if velocity_s is not None else None
     x, alpha = images.detach().requires_grad_(True), lr.detach().requires_grad_(True)
+    y = labels.detach().requires_grad_(label_grad)
     theta, velocity, thetas = theta0, velocity0, {}
     for step in range(start + 1, end + 1):
-        theta, velocity = student_step(forward, theta, velocity, x, labels, alpha, plan[step - 1], augment,
-                                       inner_weight, momentum, create_graph=True, shard=shard)
+        theta, velocity = student_step(forward, theta, velocity, x, y, alpha, plan[step - 1], augment,
+                                       inner_weight, momentum, create_graph=True, shard=shard, loss_fn=loss_fn)
         thetas[step] = theta
-    return _SegmentGraph(start, theta0, velocity0, x, alpha, thetas, theta, velocity)
+    return _SegmentGraph(start, theta0, velocity0, x, alpha, y, thetas, theta, velocity)
 
 
 def _add(total, term):
     return term if total is None else total + term
+
+
+def normalised_distance(student: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MTT's ``||student - target||^2 / ||start - target||^2``."""
+    return (student - target).pow(2).sum() / (start - target).pow(2).sum()
 
 
 def matching_loss(
@@ -260,8 +287,10 @@ def matching_loss(
     start: torch.Tensor,
     targets: dict[int, torch.Tensor],
     schedule: Sequence[MatchPoint],
+    distance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MatchPoint], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``sum_i w_i ||student_i - target_i||^2 / ||start - target_i||^2``.
+    """``sum_i w_i d(student_i, start, target_i)``, ``d`` the ``distance``
+    (default: :func:`normalised_distance`).
 
     :return: the total and the unweighted terms, in schedule order.
     """
@@ -269,9 +298,10 @@ def matching_loss(
     total = start.new_zeros(())
     for point in schedule:
         target = targets[point.expert_offset]
-        num = (student[point.student_step] - target).pow(2).sum()
-        den = (start - target).pow(2).sum()
-        term = num / den
+        if distance is None:
+            term = normalised_distance(student[point.student_step], start, target)
+        else:
+            term = distance(student[point.student_step], start, target, point)
         terms.append(term)
         total = total + point.weight * term
     return total, terms

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from astkit import labels as label_rules
 from astkit import store
 from astkit.errors import FileFormatError
 
@@ -34,6 +35,8 @@ class IterationMetrics:
     lr_img: float = 0.0
     #: why it was rolled back (see ``Distiller.state_problem``), else None
     rollback_reason: str | None = None
+    #: the loss exceeded ``distill.max_loss_to_update``: nothing was updated
+    skipped: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -42,6 +45,9 @@ class IterationMetrics:
 @dataclass
 class DistilledSet:
     """Synthetic images, their labels and the learned student lr.
+
+    Labels are hard (int64 ``(N,)``) or soft (float logits ``(N, C)``, see
+    :mod:`astkit.labels`).
 
     ``meta`` holds what is needed to use the set elsewhere: the dataset's
     class names and normalisation (``meta["dataset"]``), the model, the
@@ -58,8 +64,12 @@ class DistilledSet:
 
     @property
     def ipc(self) -> int:
-        counts = torch.bincount(self.labels)
+        counts = torch.bincount(label_rules.classes(self.labels))
         return int(counts.max()) if counts.numel() else 0
+
+    @property
+    def soft_labels(self) -> bool:
+        return label_rules.is_soft(self.labels)
 
     def save(self, path: str | Path) -> Path:
         tensors = {"images": self.images, "labels": self.labels, "lr": torch.tensor([self.lr])}
@@ -77,8 +87,10 @@ class DistilledSet:
                 f"distilled images are {tuple(self.images.shape[1:])}, {dataset.name} has "
                 f"{(dataset.channels, *dataset.image_size)}; evaluate on the dataset it was distilled from"
             )
-        if int(self.labels.max()) >= dataset.num_classes:
-            raise FileFormatError(f"distilled labels exceed the {dataset.num_classes} classes of {dataset.name}; evaluate on the dataset it was distilled from")
+        why = label_rules.problem(self.labels, self.images.shape[0], dataset.num_classes)
+        if why is not None:
+            raise FileFormatError(f"the distilled set's labels do not fit the {dataset.num_classes} classes of "
+                                  f"{dataset.name} ({why}); evaluate on the dataset it was distilled from")
         if bool(self.zca) != (dataset.zca is not None):
             raise FileFormatError("the distilled set and this run disagree on ZCA whitening; set data.zca to match")
 
@@ -91,11 +103,12 @@ class DistilledSet:
     def load(cls, path: str | Path) -> "DistilledSet":
         tensors, meta = store.load(path, "distilled")
         try:
-            images, labels, lr = tensors["images"], tensors["labels"].long(), float(tensors["lr"][0])
+            images, labels, lr = tensors["images"], tensors["labels"], float(tensors["lr"][0])
         except KeyError as exc:
             raise FileFormatError(f"{path}: distilled file is missing tensor {exc}") from None
-        if images.ndim != 4 or labels.shape != (images.shape[0],):
+        if images.ndim != 4 or labels.shape[:1] != images.shape[:1] or labels.ndim not in (1, 2):
             raise FileFormatError(f"{path}: images and labels do not match")
+        labels = labels.float() if labels.ndim == 2 else labels.long()
         zca = cls.zca_in(tensors)
         meta.pop("lr", None)
         return cls(images, labels, lr, int(meta.pop("iteration", 0)), meta, zca)

@@ -43,10 +43,10 @@ def test_balanced_weight_paper(start, expected):
 
 def test_balanced_weight_through_hook_reference_base_5():
     pm, config = run_manager("balanced-inner-loss", overrides=["balanced-inner-loss.variant=reference"])
-    nu = pm.hook.astkit_inner_loss_weight(start_epoch=2, max_start_epoch=20, iteration=0, config=config)
+    nu = pm.hook.astkit_inner_loss_weight(start_epoch=2, max_start_epoch=20, expert_index=0, iteration=0, config=config)
     assert nu == pytest.approx(1 / (math.log(10 - 2 + 8) / math.log(5)))
     pm, config = run_manager("balanced-inner-loss", overrides=["balanced-inner-loss.vartheta=3"])
-    assert pm.hook.astkit_inner_loss_weight(start_epoch=13, max_start_epoch=20, iteration=0,
+    assert pm.hook.astkit_inner_loss_weight(start_epoch=13, max_start_epoch=20, expert_index=0, iteration=0,
                                             config=config) == pytest.approx(math.log(6))
 
 
@@ -66,11 +66,11 @@ def test_matching_points(n, m, steps):
 
 def test_matching_schedule_hook():
     pm, config = run_manager("intermediate-matching", overrides=["intermediate-matching.beta=varied"])
-    points = pm.hook.astkit_matching_schedule(syn_steps=20, expert_epochs=2, iteration=0, config=config)
+    points = pm.hook.astkit_matching_schedule(syn_steps=20, expert_epochs=2, start_epoch=0, expert_index=0, iteration=0, config=config)
     assert points == [MatchPoint(10, 1, 0.5), MatchPoint(20, 2, 1.0)]
     pm, config = run_manager("intermediate-matching", overrides=["intermediate-matching.beta=odd"])
     with pytest.raises(UserError, match="beta must be"):
-        pm.hook.astkit_matching_schedule(syn_steps=20, expert_epochs=2, iteration=0, config=config)
+        pm.hook.astkit_matching_schedule(syn_steps=20, expert_epochs=2, start_epoch=0, expert_index=0, iteration=0, config=config)
 
 
 # ------------------------------------------------------ weight perturbation
@@ -87,7 +87,7 @@ def conv_params():
 def test_filterwise_perturbation_has_rho_times_filter_norm():
     params = conv_params()
     pm, config = run_manager("weight-perturbation")
-    out = pm.hook.astkit_perturb_expert(params=params, generator=torch.Generator().manual_seed(1), iteration=0,
+    out = pm.hook.astkit_perturb_expert(params=params, generator=torch.Generator().manual_seed(1), start_epoch=0, expert_index=0, iteration=0,
                                         config=config)
     for name in ("conv.weight", "fc.weight"):
         diff = (out[name] - params[name]).flatten(1).norm(dim=1)

@@ -102,7 +102,7 @@ def test_inner_loss_weight_default_and_override():
             return 0.5 if start_epoch < 3 else None
 
     pm, _ = manager()
-    kwargs = dict(start_epoch=1, max_start_epoch=10, iteration=0, config=RunConfig())
+    kwargs = dict(start_epoch=1, max_start_epoch=10, expert_index=0, iteration=0, config=RunConfig())
     assert pm.hook.astkit_inner_loss_weight(**kwargs) == 1.0
     pm, _ = manager(Half())
     assert pm.hook.astkit_inner_loss_weight(**kwargs) == 0.5
@@ -111,14 +111,14 @@ def test_inner_loss_weight_default_and_override():
 
 def test_matching_schedule_default_is_mtt_final_term():
     pm, _ = manager()
-    points = pm.hook.astkit_matching_schedule(syn_steps=20, expert_epochs=2, iteration=0, config=RunConfig())
+    points = pm.hook.astkit_matching_schedule(syn_steps=20, expert_epochs=2, start_epoch=0, expert_index=0, iteration=0, config=RunConfig())
     assert points == [MatchPoint(20, 2, 1.0)]
 
 
 def test_perturb_expert_default_is_identity():
     pm, _ = manager()
     params = {"w": torch.ones(2, 3), "b": torch.zeros(2)}
-    out = pm.hook.astkit_perturb_expert(params=params, generator=torch.Generator(), iteration=0,
+    out = pm.hook.astkit_perturb_expert(params=params, generator=torch.Generator(), start_epoch=0, expert_index=0, iteration=0,
                                         config=RunConfig())
     assert out is params
 

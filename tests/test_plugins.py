@@ -111,7 +111,7 @@ def test_a_plugin_raising_inside_a_hook_is_named():
     found = PluginSet.discover()
     pm = found.manager([found.add(Faulty())])
     hooks = GuardedHooks(pm, found)
-    kwargs = dict(start_epoch=1, max_start_epoch=4, iteration=0, config=RunConfig())
+    kwargs = dict(start_epoch=1, max_start_epoch=4, expert_index=0, iteration=0, config=RunConfig())
     with pytest.raises(PluginError, match="plugin 'faulty' .*failed in astkit_inner_loss_weight: ZeroDivisionError"):
         hooks.astkit_inner_loss_weight(**kwargs)
     with pytest.raises(ZeroDivisionError):  # the raw manager is unchanged

@@ -229,11 +229,16 @@ def _summary(kind: str, meta: dict[str, Any], tensors: dict[str, Any]) -> list[t
     if kind in ("distilled", "checkpoint") and "labels" in tensors:
         import torch
 
-        counts = torch.bincount(tensors["labels"].long().flatten())
+        from astkit import labels as label_rules
+
+        labels = tensors["labels"]
+        counts = torch.bincount(label_rules.classes(labels).long().flatten())
         iteration = meta.get("iteration") if kind == "distilled" else Checkpoint.iteration_in(meta)
         lr = meta.get("lr") if kind == "distilled" else float(tensors["lr"][0]) if "lr" in tensors else None
         rows += [("images", "x".join(str(s) for s in tensors["images"].shape)),
                  ("images per class", int(counts.max()) if counts.numel() else 0),
+                 ("labels", f"soft ({'x'.join(str(s) for s in labels.shape)} logits)" if label_rules.is_soft(labels)
+                  else "hard (class indices)"),
                  ("iteration", iteration),
                  ("learned lr", f"{lr:.4g}" if isinstance(lr, float) else lr)]
     plugins = meta.get("plugins")
@@ -251,7 +256,9 @@ def _write_grid(tensors: dict[str, Any], meta: dict[str, Any], path: Path) -> Pa
     zca = DistilledSet.zca_in(tensors)
     iteration = meta.get("iteration", Checkpoint.iteration_in(meta))
     lr = float(tensors["lr"].flatten()[0]) if "lr" in tensors else float("nan")
-    distilled = DistilledSet(tensors["images"], tensors["labels"].long().flatten(), lr, int(iteration or 0), meta, zca)
+    labels = tensors["labels"]
+    labels = labels.float() if labels.ndim == 2 else labels.long().flatten()
+    distilled = DistilledSet(tensors["images"], labels, lr, int(iteration or 0), meta, zca)
     return save_distilled_grid(distilled, path)
 
 
