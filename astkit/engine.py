@@ -310,6 +310,9 @@ class Engine:
             distiller.image_scale = distiller.scale_of_images()
         if saved is not None:
             distiller.restore(saved)
+        else:
+            self.hooks.astkit_init_state(images=distiller.images.detach(), labels=distiller.labels.detach(),
+                                         lr=distiller.lr.item(), state=distiller.state, config=self.config)
         return distiller
 
     def _batch_shard(self, module: torch.nn.Module) -> BatchShard | None:

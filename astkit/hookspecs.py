@@ -11,7 +11,7 @@ Two kinds of hooks:
   ``astkit_init_synthetic``, ``astkit_student_loss``, ``astkit_draw_expert``,
   ``astkit_draw_start_epoch``, ``astkit_inner_loss_weight``,
   ``astkit_matching_schedule``, ``astkit_matching_distance``,
-  ``astkit_perturb_expert``, ``astkit_update_synthetic``,
+  ``astkit_perturb_expert``, ``astkit_init_state``, ``astkit_update_synthetic``,
   ``astkit_synthetic_output``) change the method. They are called only on the
   plugins enabled for a run. astkit's MTT baseline answers each of them from
   ``astkit._defaults`` as a ``trylast`` implementation, so an enabled plugin
@@ -350,6 +350,29 @@ def astkit_perturb_expert(
     :return: new parameters with the same names and shapes, or ``None``.
 
     Combination: first result. The baseline returns ``params`` unchanged.
+    """
+
+
+@hookspec
+def astkit_init_state(
+    images: torch.Tensor, labels: torch.Tensor, lr: float, state: dict[str, Any], config: RunConfig
+) -> None:
+    """Distillation starts from scratch: set up the plugin's per-run state.
+
+    Called once per fresh distillation, after the initial set is made
+    (``astkit_init_synthetic``) and before the first iteration, on every rank
+    with the same set; not on resume, where ``state`` is restored from the
+    checkpoint instead. E.g. an EMA's shadow starts here as a copy of the
+    initial images.
+
+    :param images: the initial images (copy what you keep).
+    :param labels: their labels, hard or soft.
+    :param lr: the initial student lr (``distill.lr_teacher``).
+    :param state: the run's plugin state, empty at this point; add your
+        entries under your plugin's name.
+    :param config: the run's configuration.
+
+    Combination: every enabled plugin is called; return values are ignored.
     """
 
 
