@@ -3,7 +3,8 @@
 Run as ``torchrun --nproc-per-node K tests/_sharded_meta_gradient.py OUT_DIR``
 (or with WORLD_SIZE unset for the single-process reference). Writes
 ``OUT_DIR/CASE.rankR.safetensors`` with the images' gradient (summed over
-ranks), the lr's gradient and the matching loss for every case.
+ranks), the lr's gradient, the soft labels' gradient (summed over ranks) where
+they are learned, and the matching loss for every case.
 """
 
 import sys
@@ -17,6 +18,7 @@ from torch import nn
 from astkit.augment import DSA
 from astkit.collectives import BatchShard
 from astkit.functional import FlatModel
+from astkit.labels import per_sample_loss
 from astkit.matching import MatchPoint, matching_loss, unroll
 
 #: name -> unroll options. batch_syn 15 of 30 images splits 8/7 over two ranks.
@@ -24,6 +26,8 @@ CASES = {
     "full": {},
     "batch_momentum_dsa": {"batch_syn": 15, "momentum": 0.9, "augment": True, "inner_weight": 1.7},
     "recompute": {"batch_syn": 15, "momentum": 0.5, "augment": True, "segment": 2},
+    "soft_labels": {"batch_syn": 15, "augment": True, "soft": True},
+    "soft_labels_recompute": {"batch_syn": 15, "momentum": 0.5, "soft": True, "segment": 2},
 }
 STEPS = 5
 
@@ -45,19 +49,28 @@ def meta_gradient(case: dict, shard):
     flat, start, target, images, labels = problem()
     x = images.clone().requires_grad_(True)
     lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    loss_fn = None
+    if case.get("soft"):  # learned soft labels: logits, soft cross-entropy at T = 2
+        labels = (torch.nn.functional.one_hot(labels, 10).double() * 2).requires_grad_(True)
+        loss_fn = lambda logits, y: per_sample_loss(logits, y, 2.0)  # noqa: E731
     schedule = [MatchPoint(3, 1, 0.5), MatchPoint(STEPS, 2, 1.0)]
     student = unroll(
         flat, start.clone().requires_grad_(True), x, labels, lr, STEPS,
         inner_weight=case.get("inner_weight", 1.0), augment=DSA() if case.get("augment") else None,
         batch_syn=case.get("batch_syn"), generator=torch.Generator().manual_seed(2),
         momentum=case.get("momentum", 0.0), keep={p.student_step for p in schedule},
-        segment=case.get("segment", 0), shard=shard,
+        segment=case.get("segment", 0), shard=shard, loss_fn=loss_fn,
     )
     loss, _ = matching_loss(student, start, {1: target * 0.5 + start * 0.5, 2: target}, schedule)
     loss.backward()
     if shard is not None:
         shard.sum_(x.grad)
-    return {"images": x.grad, "lr": lr.grad.reshape(1), "loss": loss.detach().reshape(1)}
+    out = {"images": x.grad, "lr": lr.grad.reshape(1), "loss": loss.detach().reshape(1)}
+    if labels.requires_grad:
+        if shard is not None:
+            shard.sum_(labels.grad)
+        out["labels"] = labels.grad
+    return out
 
 
 def main(out: Path) -> None:

@@ -53,13 +53,14 @@ def test_sharded_meta_gradient_equals_single_process(tmp_path):
     assert single.returncode == 0, single.stderr[-2000:]
     sharded = on_two_ranks(worker, str(tmp_path / "sharded"), env=env)
     assert sharded.returncode == 0, sharded.stderr[-2000:]
-    for case in ("full", "batch_momentum_dsa", "recompute"):
+    for case in ("full", "batch_momentum_dsa", "recompute", "soft_labels", "soft_labels_recompute"):
         reference = load_file(str(tmp_path / "single" / f"{case}.rank0.safetensors"))
         ranks = [load_file(str(tmp_path / "sharded" / f"{case}.rank{r}.safetensors")) for r in (0, 1)]
-        for key in ("images", "lr", "loss"):
+        assert ("labels" in reference) == case.startswith("soft")
+        for key in reference:
             assert torch.equal(ranks[0][key], ranks[1][key]), (case, key)  # identical on every rank
             torch.testing.assert_close(ranks[0][key], reference[key], rtol=1e-9, atol=1e-12, msg=f"{case} {key}")
-        assert reference["images"].abs().sum() > 0 and reference["lr"].abs().sum() > 0
+        assert all(reference[key].abs().sum() > 0 for key in ("images", "lr", *(("labels",) if "labels" in reference else ())))
 
 
 RUN = TINY + ["--set", "distill.ipc=2", "--set", "distill.iterations=3", "--set", "distill.syn_steps=3",

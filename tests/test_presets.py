@@ -96,7 +96,7 @@ def test_the_ast_variants_are_the_papers_values(found):
     s = smooth_experts.settings(engine.config)
     assert (s["ramp_start"], s["ramp_epochs"], s["mu"], s["K"]) == (0.5, 5, 1.0, 1.0)
     assert weight_perturbation.DEFAULT_RHO["paper"] == 0.1
-    nu = engine.hooks.astkit_inner_loss_weight(start_epoch=9, max_start_epoch=10, iteration=0, config=engine.config)
+    nu = engine.hooks.astkit_inner_loss_weight(start_epoch=9, max_start_epoch=10, expert_index=0, iteration=0, config=engine.config)
     assert nu == pytest.approx(math.log(9 - 5 + 8, 5))
 
 
@@ -291,7 +291,7 @@ def test_ast_reference_balanced_weight_is_the_codes_base_5(found):
         for start in range(max_start):
             code = (math.log(start - middle + 8) / math.log(5) if start >= middle
                     else 1 / (math.log(middle - start + 8) / math.log(5)))
-            nu = engine.hooks.astkit_inner_loss_weight(start_epoch=start, max_start_epoch=max_start, iteration=0,
+            nu = engine.hooks.astkit_inner_loss_weight(start_epoch=start, max_start_epoch=max_start, expert_index=0, iteration=0,
                                                        config=engine.config)
             assert nu == pytest.approx(code, rel=1e-12)
             assert balanced_inner_loss.balanced_weight(start, max_start, 8.0, 5.0) == pytest.approx(code)
