@@ -26,10 +26,11 @@ KIND_EVENT = "event"
 
 SECTIONS = [
     (KIND_BEHAVIOUR, "Behaviour hooks",
-     "Called only on the plugins enabled for a run (`--plugins`, `plugins = [...]`). Each has an MTT "
-     "baseline answer in `astkit._defaults`, registered `trylast`, so an enabled plugin that answers "
-     "replaces it. Two enabled plugins answering the same hook (wrappers excepted) are refused at "
-     "start-up, naming both."),
+     "Called only on the plugins enabled for a run (`--plugins`, `plugins = [...]`). Each first-result "
+     "hook has an MTT baseline answer in `astkit._defaults`, registered `trylast`, so an enabled plugin "
+     "that answers replaces it; two enabled plugins answering the same one (wrappers excepted) are "
+     "refused at start-up, naming both. `astkit_init_state` and `astkit_update_synthetic` call every "
+     "enabled plugin. Distillation's hooks get `state`, the run's plugin state, saved in checkpoints."),
     (KIND_REGISTRATION, "Registration hooks",
      "Called on every *installed* plugin, enabled or not, so names a plugin registers (models, "
      "datasets, presets, option namespaces, commands) are always visible."),
@@ -55,11 +56,11 @@ def spec_names(hookspecs) -> list[str]:
 
 
 def kind_of(name: str, hookspecs) -> str:
-    if name in hookspecs.FIRST_RESULT_HOOKS:
-        return KIND_BEHAVIOUR
     if name.startswith("astkit_on_"):
         return KIND_EVENT
-    return KIND_REGISTRATION
+    if name.startswith("astkit_register_") or name == "astkit_plugin_options":
+        return KIND_REGISTRATION
+    return KIND_BEHAVIOUR
 
 
 # ----------------------------------------------------------------- reST -> md
