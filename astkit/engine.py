@@ -304,9 +304,10 @@ class Engine:
         shard = self._batch_shard(module)
         distiller = Distiller(self.config, self.hooks, experts, FlatModel(module), self.augment, images, labels,
                               generator=generator, device=self.device, shard=shard)
-        if shard is not None:  # every rank starts from rank 0's images, whatever the init hook did
+        if shard is not None:  # every rank starts from rank 0's set, whatever the init hook did
             with torch.no_grad():
                 shard.broadcast_(distiller.images.data)
+                shard.broadcast_(distiller.labels.data)
             distiller.image_scale = distiller.scale_of_images()
         if saved is not None:
             distiller.restore(saved)
