@@ -125,3 +125,20 @@ def test_reproduce_fmnist_report_carries_an_earlier_report_into_an_empty_work_di
         proc = run_script("reproduce_fmnist.py", "--stage", "report", "--work", str(tmp_path / "empty"),
                           "--previous", str(tmp_path / bad))
         assert proc.returncode != 0 and "not a report JSON" in proc.stderr and "Traceback" not in proc.stderr, bad
+
+
+def test_equal_work_quick_compares_equal_work(tmp_path):
+    """MTT's formulation in plain PyTorch and astkit's Distiller.step compute the same loss and gradients."""
+    data = run_quick("equal_work.py", tmp_path)
+    assert data["benchmark"] == "equal_work" and data["quick"] is True
+    assert len(data["checks"]) == len(data["summary"]) >= 2
+    for check in data["checks"]:
+        assert check["ok"], check
+        assert check["loss_rel_diff"] <= 1e-6 and check["image_grad_rel_diff"] <= 1e-5 and check["lr_grad_rel_diff"] <= 1e-5
+        assert check["image_grad_norm"] > 0  # a gradient that is there to compare
+    sides = [(r["side"], r["round"]) for r in data["results"]]
+    assert sides == [("mtt", 1), ("astkit", 1)] * len(data["summary"])  # alternating, one pair per configuration
+    for r in data["results"]:
+        assert r["ok"] and r["seconds_per_iteration"] > 0 and r["peak_rss_bytes"] > 0
+    for s in data["summary"]:
+        assert _number(s["speedup_median"]) and _number(s["memory_ratio_median"])
