@@ -78,6 +78,7 @@ class Engine:
         self.models = collect_registrations(catalog, "model", BUILTIN_MODELS)
         self.datasets = collect_registrations(catalog, "dataset", BUILTIN_DATASETS)
         self.config.resolve_options(declared_options(catalog))
+        self.hooks.astkit_check_config(config=self.config)
         if self.config.model.name not in self.models:
             raise UserError(f"unknown model {self.config.model.name!r}; known models: {', '.join(sorted(self.models))}")
         self.check_evaluation_models()

@@ -7,7 +7,7 @@ means "no answer" everywhere.
 
 Two kinds of hooks:
 
-* behaviour hooks (``astkit_expert_loss``, ``astkit_expert_step``,
+* behaviour hooks (``astkit_check_config``, ``astkit_expert_loss``, ``astkit_expert_step``,
   ``astkit_init_synthetic``, ``astkit_student_loss``, ``astkit_draw_expert``,
   ``astkit_draw_start_epoch``, ``astkit_inner_loss_weight``,
   ``astkit_matching_schedule``, ``astkit_matching_distance``,
@@ -67,6 +67,23 @@ hookspec = pluggy.HookspecMarker("astkit")
 # --------------------------------------------------------------------------
 # Behaviour hooks
 # --------------------------------------------------------------------------
+
+
+@hookspec
+def astkit_check_config(config: RunConfig) -> None:
+    """Refuse a configuration the plugin cannot run, before any work.
+
+    Called once when an engine is built (every command that runs stages),
+    after presets and plugin options are resolved, before data is loaded or
+    anything is trained or written.
+
+    :param config: the run's configuration (``config.plugin(NAME)`` gives
+        the plugin's options, with defaults filled in).
+
+    Combination: every enabled plugin is called; a plugin raises
+    :class:`astkit.UserError` with a one-line message for a bad value, and
+    return values are ignored.
+    """
 
 
 @hookspec(firstresult=True)

@@ -415,3 +415,22 @@ def test_init_state_and_update_and_output_hooks_through_the_manager():
     out, kept = plain.hook.astkit_synthetic_output(images=images, labels=labels, lr=0.01, state={},
                                                    config=RunConfig())
     assert out is images and kept is labels
+
+
+def test_check_config_refuses_before_any_work(tmp_path, digits):
+    class Picky:
+        astkit_plugin_name = "picky"
+
+        @hookimpl
+        def astkit_check_config(self, config):
+            if config.distill.ipc > 1:
+                raise UserError("picky: distill.ipc must be 1")
+
+    pm = manager(Picky())
+    with pytest.raises(UserError, match="picky"):
+        pm.hook.astkit_check_config(config=RunConfig())
+    config = tiny_config(tmp_path)
+    with pytest.raises(UserError, match="picky: distill.ipc must be 1"):
+        Engine(config, dataset=digits, plugins=[Picky()])
+    assert not (tmp_path / "run").exists()
+    Engine(tiny_config(tmp_path, "distill.ipc=1"), dataset=digits, plugins=[Picky()])  # accepted
