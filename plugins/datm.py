@@ -225,6 +225,13 @@ def astkit_plugin_options():
     return {NAME: dict(OPTIONS)}
 
 
+@hookimpl
+def astkit_check_config(config):
+    """Refuse bad window or init options when the engine is built, before experts are trained."""
+    window(config, config.distill.max_start_epoch)
+    init_options(config)
+
+
 # ---------------------------------------------------------------- preset
 #: DATM's published setting (README and configs/CIFAR-10/ConvIN/IPC10.yaml, METHOD-MORE.md section 2),
 #: with FTD's GSAM experts (plugin ``ftd``; DATM has no EMA).

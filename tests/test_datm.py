@@ -385,3 +385,15 @@ def test_the_preset_resolves(found):
     user = Engine(RunConfig.load(overrides=["plugins=datm-reference", "distill.lr_labels=10",
                                             "datm.expansion_end=2000"]), plugin_set=found)
     assert user.config.distill.lr_labels == 10.0 and user.config.options["datm"]["expansion_end"] == 2000
+
+
+def test_bad_options_are_refused_when_the_engine_is_built(tmp_path, digits):
+    """astkit_check_config: `astkit run` refuses before any expert is trained."""
+    from conftest import tiny_config
+
+    for option, words in (("datm.min_start_epoch=5", "datm.min_start_epoch = 5"), ("datm.init=best", "datm.init")):
+        config = tiny_config(tmp_path, option)
+        config.plugins = ["datm"]
+        with pytest.raises(UserError, match=words):
+            Engine(config, dataset=digits)
+        assert not (tmp_path / "run").exists()
