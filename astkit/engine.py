@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import torch
 
-from astkit import _defaults, distributed, process, store
+from astkit import baselines, distributed, process, store
 from astkit import labels as label_rules
 from astkit.augment import DSA, build_augmentation
 from astkit.checkpoint import Checkpoint
@@ -429,16 +429,20 @@ class Engine:
         zca = self.dataset.zca
         return zca.tensors() if zca is not None else {}
 
-    def real_subset(self, ipc: int, *, lr: float | None = None, seed: int | None = None) -> DistilledSet:
-        """A random subset of ``ipc`` real images per class, as a baseline set.
+    def real_subset(self, ipc: int, kind: str = "random", *, lr: float | None = None,
+                    seed: int | None = None) -> DistilledSet:
+        """``ipc`` real images per class as a baseline set (:mod:`astkit.baselines`):
+        ``kind`` ``"random"`` (distinct images drawn at random) or ``"kmeans"`` (the
+        image nearest each K-Means centroid of its class), hard labels.
 
         Evaluated with :meth:`evaluate` it gives the "random real" row of the
-        paper's tables; ``lr`` defaults to ``distill.lr_teacher``.
+        paper's tables; ``lr`` defaults to ``evaluate.lr`` if set, else
+        ``distill.lr_teacher``; ``seed`` to the config's.
         """
-        generator = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
-        images, labels = _defaults.astkit_init_synthetic(dataset=self.dataset, ipc=ipc, generator=generator)
-        lr = self.config.distill.lr_teacher if lr is None else lr
-        return DistilledSet(images, labels, lr, 0, {**self.metadata(), "origin": "random real subset"}, self._zca())
+        seed = self.config.seed if seed is None else seed
+        images, labels = baselines.real_subset(self.dataset, ipc, kind, seed)
+        lr = baselines.protocol_lr(self.config) if lr is None else lr
+        return DistilledSet(images, labels, lr, 0, {**self.metadata(), "origin": f"{kind} real subset"}, self._zca())
 
     # ----------------------------------------------------------- stage 3
     def evaluate(

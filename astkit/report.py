@@ -21,14 +21,19 @@ from rich.console import Console
 from rich.table import Table
 
 from astkit import distributed, store
+from astkit import scores as score_rules
 from astkit._version import __version__
 from astkit.figures import metric_float, plot_curves, plot_experts, save_distilled_grid, save_grid
 from astkit.hookspecs import hookimpl
+from astkit.metrics_log import MetricsLog
 from astkit.rich_progress import format_duration
 from astkit.run_context import RunContext
 from astkit.run_folder import RunFolder
 
-__all__ = ["Reporter"]
+__all__ = ["Reporter", "baseline_sections", "write_baseline_sections"]
+
+#: the report.md sections written from the ``baseline`` records of metrics.jsonl
+BASELINE_HEADINGS = ("## Baselines", "## Scores")
 
 
 def _expert_record(index: int, trajectory: Any) -> dict[str, Any]:
@@ -275,6 +280,10 @@ class Reporter:
             for it, name, r in rows:
                 lines.append(f"| {it} | {name} | {len(r.accuracies)} | {r.mean:.4f} ± {r.std:.4f} |")
             lines.append("")
+        if c is not None:
+            soft = distilled.soft_labels if distilled is not None else None
+            lines += baseline_sections(MetricsLog(self.folder.metrics).records(), ipc=c.distill.ipc, soft=soft,
+                                       evaluation=evaluation.to_json() if evaluation is not None else None)
         lines += ["## Files", ""]
         lines += _file_list(self.folder)
         lines.append("")
@@ -309,6 +318,93 @@ class Reporter:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+# ------------------------------------------------------- baselines, scores
+def baseline_sections(records: list[dict[str, Any]], *, ipc: int, soft: bool | None,
+                      evaluation: Mapping[str, Any] | None = None) -> list[str]:
+    """report.md's "Baselines" and "Scores" sections, from a run's metrics records
+    (nothing when there is no ``baseline`` record). ``soft``: whether the run's
+    distilled set has soft labels (None: unknown, taken from the baseline records)."""
+    baselines = [r for r in records if r.get("event") == "baseline"]
+    if not baselines:
+        return []
+    latest: dict[tuple, dict[str, Any]] = {}
+    for r in baselines:  # the last record of each kind, ipc, labelling and epochs, in the order last written
+        key = (r.get("kind"), r.get("ipc"), r.get("labels"), r.get("epochs"), r.get("stated"))
+        latest.pop(key, None)
+        latest[key] = r
+    lines = ["## Baselines", "",
+             "Real images trained and tested with this run's evaluation protocol (`astkit baseline`); real sets "
+             "at `evaluate.lr` if set, else `distill.lr_teacher`; `syn-hard` is the distilled set with hard labels.",
+             "", "| set | ipc | labels | epochs | lr | architecture | nets | accuracy (mean ± std) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in latest.values():
+        kind, ipc_text = str(r.get("kind")), "-" if r.get("ipc") is None else str(r.get("ipc"))
+        if r.get("stated"):
+            lines.append(f"| full (stated) | - | hard | - | - | all | - | {_fmt(metric_float(r.get('accuracy')))} |")
+            continue
+        for name, a in (r.get("architectures") or {}).items():
+            lines.append(f"| {kind} | {ipc_text} | {r.get('labels', 'hard')} | {r.get('epochs', '-')} | "
+                         f"{metric_float(r.get('lr')):.4g} | {name} | {len(a.get('accuracies') or [])} | "
+                         f"{metric_float(a.get('mean')):.4f} ± {metric_float(a.get('std')):.4f} |")
+    lines.append("")
+    if soft is None:
+        soft = any(r.get("kind") == "syn-hard" for r in baselines)
+    found = score_rules.from_records(records, ipc=ipc, soft=soft, evaluation=evaluation)
+    lines += ["## Scores", ""]
+    if not found:
+        lines += ["No evaluation of the distilled set yet (`astkit distill --evaluate`, `astkit run`); the "
+                  "DD-Ranking scores compare it with the baselines above.", ""]
+        return lines
+    lines += [f"DD-Ranking's label-robust scores (arXiv 2505.13300; w = {score_rules.W}), under this run's "
+              "protocol; definitions in docs/workflow.md.", "",
+              "| architecture | Acc(syn-any) | Acc(syn-hard) | Acc(rdm-any) | Acc(real-hard) | IOR | HLR | LRS |",
+              "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for s in found.values():
+        lines.append(f"| {s.model} | {_fmt(s.syn_any)} | {_fmt(s.syn_hard)} | {_fmt(s.rdm_any)} | "
+                     f"{_fmt(s.real_hard)} | {_signed(s.ior)} | {_signed(s.hlr)} | {_fmt(s.lrs)} |")
+        notes += [f"{key.upper()} n/a: {why}." for key, why in s.missing.items()]
+    lines += ["", *[f"- {n}" for n in dict.fromkeys(notes)], ""] if notes else [""]
+    return lines
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.4f}"
+
+
+def write_baseline_sections(folder: RunFolder, *, ipc: int, soft: bool | None) -> Path:
+    """Rewrite the "Baselines" and "Scores" sections of the run's report.md from
+    its metrics.jsonl (the rest of the report is kept; a report is started if
+    there is none); return the report's path."""
+    sections = baseline_sections(MetricsLog(folder.metrics).records(), ipc=ipc, soft=soft)
+    path = folder.report
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    if not text.strip():
+        text = "\n".join(["# astkit report", "",
+                          f"- written: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')} by astkit "
+                          f"{__version__}", f"- output folder: `{folder.root}`", "", "## Files", "",
+                          *_file_list(folder), ""])
+    store.atomic_write_text(path, _with_sections(text, sections))
+    return path
+
+
+def _with_sections(text: str, sections: list[str]) -> str:
+    """``text`` with its baseline sections replaced by ``sections`` (placed
+    where they were, else before "## Files", else at the end)."""
+    lines, out, at, skipping = text.split("\n"), [], None, False
+    for line in lines:
+        if line.startswith("## "):
+            skipping = line.rstrip() in BASELINE_HEADINGS
+            if skipping and at is None:
+                at = len(out)
+            if line.rstrip() == "## Files" and at is None:
+                at = len(out)
+        if not skipping:
+            out.append(line)
+    at = len(out) if at is None else at
+    return "\n".join(out[:at] + sections + out[at:])
 
 
 def _file_list(folder: RunFolder) -> list[str]:

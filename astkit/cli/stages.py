@@ -190,8 +190,16 @@ def distill(opts: StageOptions, experts_dir: ExpertsDir = None,
         reporter.add_experts(trajectories)
         distilled = engine.distill(trajectories, resume=resume)
         evaluation = engine.evaluate(distilled) if evaluate else None
+    if evaluation is not None and engine.is_main:  # recorded as `run` records its own
+        from astkit.metrics_log import MetricsLog
+
+        MetricsLog(engine.folder.metrics).write({"event": "final_evaluation", **evaluation.to_json()})
     files = reporter.finish(distilled=distilled, history=engine.history, evaluation=evaluation)
     lines = accuracy_lines(evaluation) if evaluation is not None else []
+    if evaluation is not None:
+        from astkit.cli.workflow import score_lines
+
+        lines += score_lines(engine.folder, ipc=engine.config.distill.ipc, soft=distilled.soft_labels)
     print_lines(lines + [f"distilled: {engine.folder.distilled}  images: {files.get('grid')}"])
 
 
