@@ -14,6 +14,7 @@ from astkit.data import RawData
 from astkit.engine import Engine
 from astkit.errors import AstkitError, DivergenceError, FileFormatError, PluginError, UserError
 from astkit.experts import ExpertBatch
+from astkit.export import load_distilled, to_pixels
 from astkit.hookspecs import hookimpl
 from astkit.matching import MatchPoint
 from astkit.progress import Progress
@@ -29,5 +30,5 @@ __all__ = [
     "AstkitError", "AugmentConfig", "DataConfig", "DistillConfig", "DistilledSet", "DivergenceError", "Engine",
     "EvalConfig", "EvaluationResult", "ExpertBatch", "ExpertConfig", "FileFormatError", "IterationMetrics",
     "MatchPoint", "ModelConfig", "ModelSpec", "PluginError", "Progress", "RawData", "RunConfig", "RunContext", "RunFolder",
-    "RunResult", "Trajectory", "UserError", "__version__", "atomic_write", "hookimpl",
+    "RunResult", "Trajectory", "UserError", "__version__", "atomic_write", "hookimpl", "load_distilled", "to_pixels",
 ]

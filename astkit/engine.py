@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 from functools import cached_property
 from pathlib import Path
@@ -457,6 +458,7 @@ class Engine:
 
     def _evaluate(self, distilled: DistilledSet, models: list[str] | None, iteration: int | None) -> EvaluationResult:
         v, ds = self.config.evaluate, self.dataset
+        started = time.perf_counter()
         names = models or v.models or [self.config.model.name]
         distilled.check_fits(self.dataset)
         lr = v.lr if v.lr is not None else distilled.lr
@@ -483,7 +485,7 @@ class Engine:
             self.progress.stop("evaluate")
             maxima = distributed.gather_floats(maxima, mine) if v.report_max else []
             results[name] = ArchitectureResult(name, distributed.gather_floats(finals, mine), maxima)
-        result = EvaluationResult(results, lr, v.epochs)
+        result = EvaluationResult(results, lr, v.epochs, time.perf_counter() - started)
         if self.is_main:
             self.hooks.astkit_on_evaluation_done(result=result, iteration=iteration, run=self.run_context,
                                                  config=self.config)

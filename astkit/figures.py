@@ -5,7 +5,7 @@
 * :func:`save_grid` draws any images in a dataset's normalised space (the
   per-iteration grids);
 * :func:`plot_curves` and :func:`plot_experts` draw ``curves.png`` and
-  ``avg_var.png``.
+  ``avg_var.png``; :func:`plot_comparison` draws ``astkit compare``'s figure.
 
 Plots use matplotlib's Agg canvas directly (no pyplot, no display needed);
 every file is written atomically with :func:`astkit.store.atomic_write`.
@@ -22,40 +22,16 @@ import torch
 from astkit import labels as label_rules
 
 from astkit import store
+from astkit.export import to_pixels
 from astkit.results import DistilledSet
 
-__all__ = ["denormalise", "metric_float", "plot_curves", "plot_experts", "save_distilled_grid", "save_grid"]
+__all__ = ["denormalise", "metric_float", "plot_comparison", "plot_curves", "plot_experts", "save_distilled_grid",
+           "save_grid"]
 
 
 # ============================================================ image grids
-def _zca_object(zca: Any):
-    if zca is None:
-        return None
-    if isinstance(zca, Mapping):
-        if not zca:
-            return None
-        from astkit.data import ZCA
-
-        return ZCA.from_tensors(0.0, dict(zca))
-    return zca
-
-
-def denormalise(images: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                zca: Any = None) -> torch.Tensor:
-    """Images in [0, 1] for display: undo ZCA (a ``ZCA`` or its tensors), then
-    ``x * std + mean``; without mean/std each image is min-max scaled."""
-    x = images.detach().float().cpu()
-    zca = _zca_object(zca)
-    if zca is not None:
-        x = zca.invert(x)
-    channels = x.shape[1]
-    if mean is not None and std is not None and len(mean) == channels and len(std) == channels:
-        m = torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1)
-        s = torch.tensor([float(v) for v in std]).view(1, -1, 1, 1)
-        return (x * s + m).clamp(0.0, 1.0)
-    flat = x.flatten(1)
-    lo, hi = flat.min(dim=1).values.view(-1, 1, 1, 1), flat.max(dim=1).values.view(-1, 1, 1, 1)
-    return ((x - lo) / (hi - lo).clamp_min(1e-12)).clamp(0.0, 1.0)
+#: images back into [0, 1] pixels (ZCA undone, then std/mean): one owner, astkit.export
+denormalise = to_pixels
 
 
 def _mosaic(pixels: torch.Tensor, labels: torch.Tensor, pad: int = 1):
@@ -197,6 +173,39 @@ def plot_curves(history: Sequence[Mapping[str, Any]], evaluations: Sequence[tupl
         axes[2].legend(fontsize=8)
     _finish_axes(axes)
     return _save_figure(fig, path)
+
+
+def plot_comparison(series: Sequence[Mapping[str, Any]], path: Path, *, software: str = "astkit") -> Path:
+    """Several runs (``astkit compare``): test accuracy against iterations (each
+    evaluation, the final one at the last iteration; one line per run and
+    architecture) and the matching loss against iterations (one line per run).
+
+    :param series: per run ``{"label", "loss": [(iteration, loss)], "accuracy":
+        {architecture: [(iteration, mean, std)]}}``.
+    :param software: the PNG's ``Software`` text (how compare knows its own file).
+    """
+    fig, axes = _figure(2, width=5.0, height=3.6)
+    several = len({name for s in series for name in s["accuracy"]}) > 1
+    for index, s in enumerate(series):
+        color = f"C{index % 10}"
+        for name, points in s["accuracy"].items():
+            label = f"{s['label']} ({name})" if several else s["label"]
+            axes[0].errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                             marker="o", capsize=3, color=color, label=label)
+        loss = s["loss"]
+        axes[1].plot([p[0] for p in loss], [p[1] for p in loss], lw=1, color=color, label=s["label"],
+                     marker="." if len(loss) < 50 else None)
+    finite = [p[1] for s in series for p in s["loss"] if math.isfinite(p[1])]
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 20:
+        axes[1].set_yscale("log")
+    axes[0].set(title="test accuracy of fresh nets", xlabel="iteration")
+    axes[1].set(title="matching loss", xlabel="iteration")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    _finish_axes(axes)
+    store.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": software}))
+    return path
 
 
 def _finish_axes(axes) -> None:

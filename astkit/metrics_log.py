@@ -16,7 +16,8 @@ class MetricsLog:
     ``restart_from`` (the distiller's iteration history) rewrites the file
     with those iterations, dropping records of iterations a resumed run
     will redo; ``keep_evaluations_upto`` keeps the file's evaluation records
-    up to that iteration (the last one the checkpoint records as made).
+    up to that iteration (the last one the checkpoint records as made). The
+    ``baseline`` records (``astkit baseline``) are kept, at the end.
     """
 
     def __init__(self, path: Path | None, restart_from: list[dict] | None = None, *,
@@ -24,10 +25,12 @@ class MetricsLog:
         self.path = path
         if path is not None and restart_from is not None:
             upto = -1 if keep_evaluations_upto is None else keep_evaluations_upto
-            evaluations = [r for r in self.records() if r.get("event") == "evaluation"
+            kept = self.records()
+            evaluations = [r for r in kept if r.get("event") == "evaluation"
                            and isinstance(r.get("iteration"), int) and r["iteration"] <= upto]
             records = [{"event": "iteration", **m} for m in restart_from] + evaluations
             records.sort(key=lambda r: (r["iteration"] + (-0.5 if r["event"] == "evaluation" else 0)))
+            records += [r for r in kept if r.get("event") == "baseline"]  # real baselines outlive a restart
             store.atomic_write_text(path, "".join(store.json_line(r) + "\n" for r in records))
 
     def records(self) -> list[dict]:

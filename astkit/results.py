@@ -145,13 +145,18 @@ class EvaluationResult:
     architectures: dict[str, ArchitectureResult]
     lr: float
     epochs: int
+    #: wall-clock seconds the evaluation took (None: not measured)
+    seconds: float | None = None
 
     def __getitem__(self, model: str) -> ArchitectureResult:
         return self.architectures[model]
 
     def to_json(self) -> dict[str, Any]:
-        return {"lr": self.lr, "epochs": self.epochs,
-                "architectures": {k: v.to_json() for k, v in self.architectures.items()}}
+        out = {"lr": self.lr, "epochs": self.epochs,
+               "architectures": {k: v.to_json() for k, v in self.architectures.items()}}
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        return out
 
 
 @dataclass

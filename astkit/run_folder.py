@@ -10,6 +10,7 @@
       metrics.jsonl          report.md
       grids/iter_000000.png ...
       curves.png             avg_var.png
+      tensorboard/           event files of the tensorboard plugin
 """
 
 from __future__ import annotations
@@ -107,3 +108,8 @@ class RunFolder:
     @property
     def avg_var(self) -> Path:
         return self.root / "avg_var.png"
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard's log folder (the ``tensorboard`` plugin's event files)."""
+        return self.root / "tensorboard"

@@ -69,10 +69,11 @@ def test_a_checkpoint_round_trips_and_names_what_is_missing(tmp_path, digits):
     loaded = Checkpoint.load(again)
     assert torch.equal(loaded.images, saved.images) and loaded.state == saved.state
     assert torch.equal(loaded.generator_state, saved.generator_state) and loaded.lr == saved.lr
+    assert loaded.plugin_state == saved.plugin_state and "expert_order" in saved.plugin_state["astkit.defaults"]
 
-    del saved.state["expert_order"]
+    del saved.state["failures"]
     saved.save(tmp_path / "broken.safetensors")
-    with pytest.raises(FileFormatError, match="checkpoint state is missing 'expert_order'; start without --resume"):
+    with pytest.raises(FileFormatError, match="checkpoint state is missing 'failures'; start without --resume"):
         Checkpoint.load(tmp_path / "broken.safetensors")
 
 

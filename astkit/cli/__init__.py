@@ -102,7 +102,7 @@ def build_app(session: common.Session | None = None) -> typer.Typer:
     ``session`` (default: one for ``sys.argv``) becomes the root context's
     ``obj``, where commands find it (:func:`astkit.cli.common.session`).
     """
-    from astkit.cli import inspection, stages
+    from astkit.cli import exporting, importing, inspection, stages, workflow
 
     session = session if session is not None else common.Session()
     app = typer.Typer(
@@ -125,6 +125,9 @@ def build_app(session: common.Session | None = None) -> typer.Typer:
     found = session.plugins
     stages.register(app, plugin_help_text(found))
     inspection.register(app)
+    exporting.register(app)
+    importing.register(app)
+    workflow.register(app, plugin_help_text(found))
     register_plugin_commands(app, found)
     return app
 

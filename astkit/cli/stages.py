@@ -239,7 +239,12 @@ def evaluate(opts: StageOptions,
     progress.log(describe_run(engine, out=False) + f"; evaluating {file}")
     with interruptible(engine, progress, resumable=False):
         result = engine.evaluate(distilled, names)
-    print_lines(accuracy_lines(result))
+    from astkit.cli.workflow import score_lines
+    from astkit.run_folder import RunFolder
+
+    ipc = distilled.images.shape[0] // engine.dataset.num_classes  # images per class (soft labels: not by argmax)
+    print_lines(accuracy_lines(result) + score_lines(RunFolder(file.parent), ipc=ipc, soft=distilled.soft_labels,
+                                                     evaluation=result.to_json()))
 
 
 def recorded_config(meta: dict[str, Any]) -> dict[str, Any]:
@@ -249,7 +254,11 @@ def recorded_config(meta: dict[str, Any]) -> dict[str, Any]:
     they may not exist here and do not change the evaluation.
     """
     recorded = dict(meta.get("config") or {})
-    return {key: recorded[key] for key in ("seed", "data", "model", "augment", "evaluate") if key in recorded}
+    kept = {key: recorded[key] for key in ("seed", "data", "model", "augment", "evaluate") if key in recorded}
+    temperature = (recorded.get("distill") or {}).get("label_temperature")
+    if temperature is not None:  # soft labels are evaluated at the temperature they were distilled with
+        kept["distill"] = {"label_temperature": temperature}
+    return kept
 
 
 def command_help(func: Any) -> str:
