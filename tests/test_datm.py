@@ -328,9 +328,8 @@ def test_a_planned_stop_resumes_the_window_and_the_labels_bit_for_bit(tmp_path, 
 
 
 def test_a_bad_option_stops_distillation_before_anything_is_written(tmp_path, digits, experts):
-    engine = Engine(tiny_config(tmp_path, "plugins=datm", "datm.initial_max_start_epoch=9"), dataset=digits)
-    with pytest.raises(UserError) as exc:
-        engine.distill(experts)
+    with pytest.raises(UserError) as exc:  # refused when the engine is built (astkit_check_config)
+        Engine(tiny_config(tmp_path, "plugins=datm", "datm.initial_max_start_epoch=9"), dataset=digits).distill(experts)
     assert "datm.initial_max_start_epoch = 9 must be in 1..2" in one_line(exc)
     assert not (tmp_path / "run").exists()
 
