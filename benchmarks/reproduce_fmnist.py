@@ -3,16 +3,17 @@
 Regenerates the tables of docs/results.md (section "Reproduction on
 Fashion-MNIST") from scratch, in resumable stages:
 
-1. ``experts``: six expert sets trained on the full train set (Table VII):
-   SGD, SGD + momentum, and SGD + momentum with the smooth-experts plugin
-   (clipping + penalty, penalty alone, clipping alone, and clipping + the
-   penalty estimated on a quarter of each batch).
+1. ``experts``: seven expert sets trained on the full train set, one
+   expert at a time: what the ``mtt``, ``ast`` and ``ast-reference``
+   presets train, and Table VII's chain at the ``ast`` preset's expert
+   optimiser (SGD, + momentum, + penalty, + clipping, both = ``ast``).
 2. ``distill``: distillation runs, each from one expert set (every set is
-   trained once and reused): Table VII's six (MTT's distillation on each
-   set), Table VIII's cumulative ablation on smooth experts, AST against
-   MTT at ipc 1, and both methods again at a smaller image learning rate
-   and with the image gradient clipped. Every run evaluates itself every
-   ``eval_every`` iterations (accuracy against iterations, paper Fig. 6).
+   trained once and reused): Table VII's five (MTT's distillation on each
+   set of the chain), Table VIII's cumulative ablation on the smooth
+   experts (ending at the ``ast`` preset), ``ast-reference``, ``mtt``, and
+   MTT, MTT on smooth experts, ``ast`` and ``ast-reference`` at ipc 1.
+   Every run evaluates itself every ``eval_every`` iterations (accuracy
+   against iterations, paper Fig. 6).
 3. ``baselines``: a random real subset and a K-Means real subset (the
    representative-init images, no distillation) at ipc 1 and 10, evaluated
    with the same protocol.
@@ -21,9 +22,11 @@ Fashion-MNIST") from scratch, in resumable stages:
 
 Each stage skips what is already done and resumes what was cut (experts
 train only the missing files; a distillation continues from its checkpoint),
-so a stage can be stopped at any moment and run again.
+so a stage can be stopped at any moment and run again. Wall times survive
+resumes: experts are timed one by one (``seconds.json``), distillations from
+the per-iteration and evaluation seconds of their metrics.jsonl.
 
-    python benchmarks/reproduce_fmnist.py                   # everything (a few hours on 2 cores)
+    python benchmarks/reproduce_fmnist.py                   # everything (about seven hours on 2 cores)
     python benchmarks/reproduce_fmnist.py --stage experts   # one stage
     python benchmarks/reproduce_fmnist.py --only table7-sgd table7-momentum   # some runs of a stage
     python benchmarks/reproduce_fmnist.py --stage report --json benchmarks/results/reproduce_fmnist.json
@@ -41,74 +44,76 @@ import sys
 import time
 from pathlib import Path
 
-#: The CPU protocol (``--quick`` overrides it with QUICK). Written down in docs/results.md.
+#: The CPU protocol (``--quick`` overrides it with QUICK). Written down in docs/results.md. Expert optimiser
+#: settings come from the presets (EXPERT_SETS); the protocol fixes what every run shares.
 PROTOCOL = {
     "data": {"dataset": "fashion-mnist"},
     "model": {"name": "convnet", "width": 32},
-    "experts": {"num_experts": 3, "epochs": 6, "lr": 0.01, "batch_size": 256, "weight_decay": 0.0},
-    "distill": {"ipc": 10, "iterations": 300, "syn_steps": 20, "expert_epochs": 2, "max_start_epoch": 4,
-                "lr_img": 100.0, "lr_lr": 1e-5, "lr_teacher": 0.01, "checkpoint_every": 25, "eval_every": 50},
-    "evaluate": {"epochs": 300, "num_nets": 3},
+    "experts": {"num_experts": 2, "epochs": 15, "batch_size": 256},
+    "distill": {"ipc": 10, "iterations": 500, "syn_steps": 20, "expert_epochs": 2, "max_start_epoch": 8,
+                "lr_img": 100.0, "lr_lr": 1e-5, "lr_teacher": 0.01, "checkpoint_every": 25, "eval_every": 100},
+    "evaluate": {"epochs": 300, "num_nets": 5},
 }
 #: A larger protocol for one GPU (``--scale gpu``, used by benchmarks/gpu_fmnist.sh): the paper's
-#: width 128 and evaluation length, more iterations; only the runs of the AST-vs-MTT table.
+#: width 128 and evaluation length, more experts; only the runs of the AST-vs-MTT table.
 GPU = {
     "data": {"dataset": "fashion-mnist"},
     "model": {"name": "convnet", "width": 128},
-    "experts": {"num_experts": 4, "epochs": 12, "lr": 0.01, "batch_size": 256, "weight_decay": 0.0},
-    "distill": {"ipc": 10, "iterations": 500, "syn_steps": 20, "expert_epochs": 2, "max_start_epoch": 8,
+    "experts": {"num_experts": 4, "epochs": 20, "batch_size": 256},
+    "distill": {"ipc": 10, "iterations": 1000, "syn_steps": 20, "expert_epochs": 2, "max_start_epoch": 10,
                 "lr_img": 100.0, "lr_lr": 1e-5, "lr_teacher": 0.01, "checkpoint_every": 50, "eval_every": 100},
-    "evaluate": {"epochs": 1000, "num_nets": 3},
+    "evaluate": {"epochs": 1000, "num_nets": 5},
 }
-GPU_EXPERT_SETS = ["sgd", "smooth"]
-GPU_RUNS = ["table7-sgd", "table8-4-weight-perturbation", "mtt-ipc1", "ast-ipc1"]
+GPU_EXPERT_SETS = ["mtt", "smooth", "ast-reference"]
+GPU_RUNS = ["mtt", "table7-smooth", "ast", "ast-reference", "mtt-ipc1", "mtt-smooth-ipc1", "ast-ipc1",
+            "ast-reference-ipc1"]
 QUICK = {
     "data": {"dataset": "digits"},
     "model": {"name": "convnet", "width": 8},
-    "experts": {"num_experts": 1, "epochs": 2, "lr": 0.01, "batch_size": 256, "weight_decay": 0.0},
+    "experts": {"num_experts": 1, "epochs": 2, "batch_size": 256},
     "distill": {"ipc": 2, "iterations": 2, "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2,
                 "lr_img": 10.0, "lr_lr": 1e-5, "lr_teacher": 0.01, "checkpoint_every": 1, "eval_every": 1},
     "evaluate": {"epochs": 2, "num_nets": 2},
 }
 
 SMOOTH = "smooth-experts"
-#: Expert sets: plugins and overrides on top of the protocol (Table VII's rows).
+#: Expert sets: plugins (presets included) and overrides on top of the protocol. ``mtt``, ``smooth`` and
+#: ``ast-reference`` are what the presets of those names train; the Table VII chain (sgd, momentum,
+#: penalty, clipping, smooth) shares the ``ast`` preset's expert optimiser (lr 0.003, weight decay 1e-3,
+#: lr halved at half the epochs) and differs only in momentum and the two smooth-experts terms.
 EXPERT_SETS = {
-    "sgd": {"plugins": [], "experts": {"momentum": 0.0}},
-    "momentum": {"plugins": [], "experts": {"momentum": 0.9}},
-    "smooth": {"plugins": [SMOOTH], "experts": {"momentum": 0.9}},
-    "penalty": {"plugins": [SMOOTH], "experts": {"momentum": 0.9}, "options": {SMOOTH: {"clipping": False}}},
-    "clipping": {"plugins": [SMOOTH], "experts": {"momentum": 0.9}, "options": {SMOOTH: {"penalty": False}}},
-    # The cheaper, unbiased penalty estimate (on a random quarter of each batch): its effect on the teacher.
-    "smooth-subsampled": {"plugins": [SMOOTH], "experts": {"momentum": 0.9},
-                          "options": {SMOOTH: {"penalty_fraction": 0.25}}},
+    "mtt": {"plugins": ["mtt"]},
+    "sgd": {"plugins": ["ast", f"no:{SMOOTH}"], "experts": {"momentum": 0.0}},
+    "momentum": {"plugins": ["ast", f"no:{SMOOTH}"]},
+    "penalty": {"plugins": ["ast"], "options": {SMOOTH: {"clipping": False}}},
+    "clipping": {"plugins": ["ast"], "options": {SMOOTH: {"penalty": False}}},
+    "smooth": {"plugins": ["ast"]},
+    "ast-reference": {"plugins": ["ast-reference"]},
 }
-#: The second image learning rate both MTT and AST are run at (ipc 10), beside the protocol's.
-LR_IMG_LOW = 30.0
-#: The image-gradient norm both are clipped to in the clip-image-grad runs, fixed from AST's median (0.0025) and
-#: MTT's largest norm in the first 107 iterations of lr-img-30-mtt (0.011), far below AST's spikes (0.2 to 1.1).
-CLIP_IMAGE_GRAD = 0.02
 AST_STAGE2 = ["representative-init", "balanced-inner-loss", "intermediate-matching", "weight-perturbation"]
-#: MTT and AST as distillation runs: the expert set and the stage-2 plugins of each.
-METHODS = {"mtt": {"experts": "sgd", "plugins": []}, "ast": {"experts": "smooth", "plugins": AST_STAGE2}}
-#: Both methods again at ipc 10, tuned alike (run name prefix: label, distill overrides): is AST's deficit the
-#: image lr they share, or the image-gradient spikes (clipped here; neither method clips)?
-TUNED = {
-    f"lr-img-{LR_IMG_LOW:g}": (f"lr_img {LR_IMG_LOW:g}", {"lr_img": LR_IMG_LOW}),
-    "clip-image-grad": (f"image gradient clipped to {CLIP_IMAGE_GRAD:g}", {"clip_image_grad": CLIP_IMAGE_GRAD}),
-}
-#: Distillation runs: the expert set they use, their stage-2 plugins, overrides.
+#: Distillation runs: the expert set they use, their plugins (presets included), overrides. ``table7-*`` is
+#: MTT's distillation (no stage-2 technique) on each expert set; ``table8-i`` adds AST's stage-2 techniques
+#: one by one on the smooth experts (``table8-4`` is the ``ast`` preset, also named ``ast``).
 RUNS = {
-    **{f"table7-{name}": {"experts": name, "plugins": []} for name in EXPERT_SETS},
-    **{f"table8-{i}-{AST_STAGE2[i - 1]}": {"experts": "smooth", "plugins": AST_STAGE2[:i]} for i in range(1, 5)},
-    "mtt-ipc1": {"experts": "sgd", "plugins": [], "distill": {"ipc": 1}},
-    "ast-ipc1": {"experts": "smooth", "plugins": AST_STAGE2, "distill": {"ipc": 1}},
-    **{f"{prefix}-{method}": {**spec, "distill": overrides}
-       for prefix, (_, overrides) in TUNED.items() for method, spec in METHODS.items()},
+    **{f"table7-{name}": {"experts": name, "plugins": []} for name in ("sgd", "momentum", "penalty", "clipping", "smooth")},
+    **{f"table8-{i}-{AST_STAGE2[i - 1]}": {"experts": "smooth",
+                                           "plugins": ["ast"] + [f"no:{p}" for p in AST_STAGE2[i:]]}
+       for i in range(1, 4)},
+    "ast": {"experts": "smooth", "plugins": ["ast"]},
+    "ast-reference": {"experts": "ast-reference", "plugins": ["ast-reference"]},
+    "mtt": {"experts": "mtt", "plugins": ["mtt"]},
+    "mtt-ipc1": {"experts": "mtt", "plugins": ["mtt"], "distill": {"ipc": 1}},
+    "mtt-smooth-ipc1": {"experts": "smooth", "plugins": [], "distill": {"ipc": 1}},
+    "ast-ipc1": {"experts": "smooth", "plugins": ["ast"], "distill": {"ipc": 1}},
+    "ast-reference-ipc1": {"experts": "ast-reference", "plugins": ["ast-reference"], "distill": {"ipc": 1}},
 }
-#: Which run is which row of the AST-vs-MTT table (ipc 10 rows are shared with tables VII and VIII).
-AST_VS_MTT = {("mtt", 10): "table7-sgd", ("ast", 10): "table8-4-weight-perturbation",
-              ("mtt", 1): "mtt-ipc1", ("ast", 1): "ast-ipc1"}
+#: The columns of the AST-vs-MTT table and their run at each ipc.
+METHODS = {
+    "MTT (SGD experts)": {10: "mtt", 1: "mtt-ipc1"},
+    "MTT (smooth experts)": {10: "table7-smooth", 1: "mtt-smooth-ipc1"},
+    "AST (`ast`)": {10: "ast", 1: "ast-ipc1"},
+    "AST (`ast-reference`)": {10: "ast-reference", 1: "ast-reference-ipc1"},
+}
 STAGES = ["experts", "distill", "baselines", "report"]
 
 
@@ -127,7 +132,7 @@ def build_config(protocol: dict, out: Path, plugins: list[str], seed: int, secti
 def expert_config(protocol: dict, work: Path, name: str, seed: int):
     spec = EXPERT_SETS[name]
     return build_config(protocol, work / "experts" / name, spec["plugins"], seed,
-                        {"experts": spec["experts"]}, spec.get("options"))
+                        {"experts": spec.get("experts", {})}, spec.get("options"))
 
 
 def run_config(protocol: dict, work: Path, name: str, seed: int):
@@ -135,8 +140,7 @@ def run_config(protocol: dict, work: Path, name: str, seed: int):
 
     spec = RUNS[name]
     experts_dir = RunFolder(work / "experts" / spec["experts"]).experts
-    sections = {"experts": {"dir": str(experts_dir), **EXPERT_SETS[spec["experts"]]["experts"]},
-                "distill": spec.get("distill", {})}
+    sections = {"experts": {"dir": str(experts_dir)}, "distill": spec.get("distill", {})}
     return build_config(protocol, work / "runs" / name, spec["plugins"], seed, sections)
 
 
@@ -153,29 +157,55 @@ def save_json(path: Path, data: dict) -> None:
 
 # ------------------------------------------------------------------ stages
 def stage_experts(protocol: dict, work: Path, seed: int, only: list[str]) -> None:
+    """Train each set's missing experts one by one; ``seconds.json`` keeps each expert's wall time."""
     from astkit import Engine
 
     for name in only or list(EXPERT_SETS):
-        done = work / "experts" / name / "summary.json"
+        folder = work / "experts" / name
+        done = folder / "summary.json"
         if done.is_file():
             log(f"experts {name}: done")
             continue
         engine = Engine(expert_config(protocol, work, name, seed))
         n = engine.config.experts.num_experts
-        log(f"experts {name}: training {len(engine.folder.missing_experts(range(n)))} of {n}")
-        t0 = time.perf_counter()
-        engine.train_experts(resume=True)
+        missing = engine.folder.missing_experts(range(n))
+        log(f"experts {name}: training {len(missing)} of {n}")
+        seconds_file = folder / "seconds.json"
+        seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
+        for index in missing:
+            t0 = time.perf_counter()
+            engine.train_experts([index])
+            seconds[str(index)] = time.perf_counter() - t0
+            save_json(seconds_file, seconds)
+            log(f"experts {name}: expert {index} in {seconds[str(index)]:.0f} s")
         experts = engine.load_experts()
         save_json(done, {
-            "set": name, "plugins": engine.config.plugins, "experts": EXPERT_SETS[name]["experts"],
-            "options": EXPERT_SETS[name].get("options", {}),
+            "set": name, **EXPERT_SETS[name], "config": expert_settings(engine.config),
             "avg_var": [t.avg_var for t in experts],
             "test_accuracy": [t.test_accuracy[-1] for t in experts],
             "test_accuracy_per_epoch": [t.test_accuracy for t in experts],
-            "seconds_this_session": time.perf_counter() - t0,
+            "seconds_per_expert": [seconds.get(str(i)) for i in range(n)],
         })
         log(f"experts {name}: Avg_Var {_mean([t.avg_var for t in experts]):.4g}, "
             f"test acc {_mean([t.test_accuracy[-1] for t in experts]):.4f}")
+
+
+def expert_settings(config) -> dict:
+    """The expert optimiser a set was trained with (presets applied)."""
+    e = config.experts
+    keys = ("optimizer", "lr", "momentum", "weight_decay", "lr_decay", "lr_decay_epoch", "lr_decay_fraction",
+            "reset_optimizer_on_decay", "epochs")
+    return {k: getattr(e, k) for k in keys}
+
+
+def run_seconds(metrics: Path) -> dict:
+    """Wall time of a distillation from its metrics.jsonl (iterations and evaluations; survives resumes)."""
+    from astkit.metrics_log import MetricsLog
+
+    rows = MetricsLog(metrics).records() if metrics.is_file() else []
+    distill = sum(r.get("seconds") or 0.0 for r in rows if r["event"] == "iteration")
+    evaluation = sum(r.get("seconds") or 0.0 for r in rows if r["event"] in ("evaluation", "final_evaluation"))
+    return {"distill": distill, "evaluation": evaluation}
 
 
 def stage_distill(protocol: dict, work: Path, seed: int, only: list[str]) -> None:
@@ -191,16 +221,18 @@ def stage_distill(protocol: dict, work: Path, seed: int, only: list[str]) -> Non
         checkpoint = engine.folder.checkpoint
         log(f"distill {name}: {'resuming' if checkpoint.is_file() else 'starting'} "
             f"(plugins: {', '.join(engine.config.plugins) or 'none'})")
-        t0 = time.perf_counter()
         distilled = engine.distill(engine.load_experts(), resume=checkpoint.is_file())
+        t0 = time.perf_counter()
         result = engine.evaluate(distilled)
+        final_seconds = time.perf_counter() - t0
         curve = MetricsLog(engine.folder.metrics).records()
         curve = [(r["iteration"], r["architectures"]["convnet"]["mean"]) for r in curve if r["event"] == "evaluation"]
+        seconds = run_seconds(engine.folder.metrics)
         save_json(done, {
             "run": name, **RUNS[name], "ipc": engine.config.distill.ipc, "learned_lr": distilled.lr,
             "final": result.to_json()["architectures"]["convnet"],
             "accuracy_vs_iteration": curve + [(distilled.iteration, result["convnet"].mean)],
-            "seconds_this_session": time.perf_counter() - t0,
+            "seconds": {**seconds, "evaluation": seconds["evaluation"] + final_seconds},
         })
         log(f"distill {name}: {result['convnet'].mean:.4f} ± {result['convnet'].std:.4f}")
 
@@ -213,7 +245,7 @@ def stage_baselines(protocol: dict, work: Path, seed: int, only: list[str]) -> N
     done = work / "baselines.json"
     results = json.loads(done.read_text()) if done.is_file() else {}
     for ipc in (1, 10) if not only else [int(i) for i in only]:
-        ast = work / "runs" / AST_VS_MTT[("ast", ipc)] / "summary.json"
+        ast = work / "runs" / METHODS["AST (`ast`)"][ipc] / "summary.json"
         learned = json.loads(ast.read_text())["learned_lr"] if ast.is_file() else None
         for kind in ("random", "kmeans", "random-ast-lr"):
             key = f"{kind}-ipc{ipc}"
@@ -223,6 +255,7 @@ def stage_baselines(protocol: dict, work: Path, seed: int, only: list[str]) -> N
             if kind == "random-ast-lr" and learned is None:
                 log(f"baseline {key}: skipped until the AST run at ipc {ipc} exists")
                 continue
+            t0 = time.perf_counter()
             plugins = ["representative-init"] if kind == "kmeans" else []
             config = build_config(protocol, work / "baselines" / key, plugins, seed,
                                   {"distill": {"ipc": ipc}, "experts": {"dir": str(RunFolder(work / "experts" / "smooth").experts)}})
@@ -236,7 +269,8 @@ def stage_baselines(protocol: dict, work: Path, seed: int, only: list[str]) -> N
                 subset = DistilledSet(images, labels, config.distill.lr_teacher, 0,
                                       {**engine.metadata(), "origin": "K-Means real subset"})
             result = engine.evaluate(subset)["convnet"]
-            results[key] = {"kind": kind, "ipc": ipc, "lr": subset.lr, **result.to_json()}
+            results[key] = {"kind": kind, "ipc": ipc, "lr": subset.lr, **result.to_json(),
+                            "seconds": time.perf_counter() - t0}
             save_json(done, results)
             log(f"baseline {key}: {result.mean:.4f} ± {result.std:.4f}")
 
@@ -317,36 +351,49 @@ def _acc(run: dict | None) -> str:
     return f"{100 * final['mean']:.2f} ± {100 * final['std']:.2f}"
 
 
+def _minutes(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds / 60:.1f}"
+
+
 def markdown(report: dict) -> str:
     experts, runs, baselines = report["experts"], report["distill"], report["baselines"]
-    lines = ["Table VII shape (ipc 10; experts' mean over the set, distilled mean ± std over the evaluation nets)", "",
+    lines = ["Table VII shape (ipc 10; the `ast` preset's expert optimiser on every row; experts' mean over the set, "
+             "distilled by MTT (no stage-2 technique), mean ± std over the evaluation nets)", "",
              "| experts | Avg_Var | expert test acc (%) | distilled acc (%) |", "|---|---|---|---|"]
-    labels = {"sgd": "SGD", "momentum": "SGD + momentum", "smooth": "SGD + momentum + penalty + clipping",
-              "penalty": "SGD + momentum + penalty", "clipping": "SGD + momentum + clipping",
-              "smooth-subsampled": "SGD + momentum + penalty on 1/4 of each batch + clipping"}
+    labels = {"sgd": "SGD", "momentum": "SGD + momentum", "penalty": "SGD + momentum + penalty",
+              "clipping": "SGD + momentum + clipping", "smooth": "SGD + momentum + penalty + clipping"}
     for name, label in labels.items():
         e = experts.get(name)
         avg_var = f"{_mean(e['avg_var']):.4g}" if e else "not run"
         acc = f"{100 * _mean(e['test_accuracy']):.2f}" if e else "not run"
         lines.append(f"| {label} | {avg_var} | {acc} | {_acc(runs.get(f'table7-{name}'))} |")
+    lines += ["", "Other expert sets (their preset's optimiser)", "",
+              "| experts | Avg_Var | expert test acc (%) |", "|---|---|---|"]
+    for name in ("mtt", "ast-reference"):
+        e = experts.get(name)
+        avg_var = f"{_mean(e['avg_var']):.4g}" if e else "not run"
+        acc = f"{100 * _mean(e['test_accuracy']):.2f}" if e else "not run"
+        lines.append(f"| {name} | {avg_var} | {acc} |")
     lines += ["", "Table VIII shape (smooth experts, ipc 10, cumulative)", "", "| stage-2 techniques | acc (%) |", "|---|---|",
               f"| none (smooth experts only) | {_acc(runs.get('table7-smooth'))} |"]
     for i, plugin in enumerate(AST_STAGE2, 1):
-        lines.append(f"| + {plugin} | {_acc(runs.get(f'table8-{i}-{plugin}'))} |")
+        key = "ast" if i == len(AST_STAGE2) else f"table8-{i}-{plugin}"
+        lines.append(f"| + {plugin} | {_acc(runs.get(key))} |")
     lines += ["", "AST against MTT and real subsets (mean ± std over the evaluation nets)", "",
-              "| ipc | random real | random real, AST's lr | K-Means real | MTT | AST |", "|---|---|---|---|---|---|"]
+              "| ipc | random real | random real, AST's lr | K-Means real | " + " | ".join(METHODS) + " |",
+              "|---|---|---|---|" + "---|" * len(METHODS)]
     for ipc in (1, 10):
         lines.append(f"| {ipc} | {_acc(baselines.get(f'random-ipc{ipc}'))} | {_acc(baselines.get(f'random-ast-lr-ipc{ipc}'))} "
-                     f"| {_acc(baselines.get(f'kmeans-ipc{ipc}'))} "
-                     f"| {_acc(runs.get(AST_VS_MTT[('mtt', ipc)]))} | {_acc(runs.get(AST_VS_MTT[('ast', ipc)]))} |")
+                     f"| {_acc(baselines.get(f'kmeans-ipc{ipc}'))} | "
+                     + " | ".join(_acc(runs.get(keys[ipc])) for keys in METHODS.values()) + " |")
     full = [_mean(e["test_accuracy"]) for e in experts.values() if e]
     if full:
         lines.append(f"\nFull training set, same ConvNet (best expert set's mean final test accuracy): {100 * max(full):.2f} %")
-    lines += ["", "Accuracy against iterations (%, ipc 10; the Table VIII chain and the tuned runs show where a curve turns)", ""]
-    curves = [("MTT", AST_VS_MTT[("mtt", 10)]), ("smooth experts, no stage-2 technique", "table7-smooth")]
-    curves += [(f"+ {plugin}" + (" (AST)" if i == len(AST_STAGE2) else ""), f"table8-{i}-{plugin}")
-               for i, plugin in enumerate(AST_STAGE2, 1)]
-    curves += [(f"{m.upper()}, {label}", f"{prefix}-{m}") for prefix, (label, _) in TUNED.items() for m in METHODS]
+    lines += ["", "Accuracy against iterations (%, ipc 10)", ""]
+    curves = [("MTT (SGD experts)", "mtt"), ("MTT (smooth experts)", "table7-smooth")]
+    curves += [(f"+ {plugin}" + (" (AST)" if i == len(AST_STAGE2) else ""),
+                "ast" if i == len(AST_STAGE2) else f"table8-{i}-{plugin}") for i, plugin in enumerate(AST_STAGE2, 1)]
+    curves += [("AST (`ast-reference`)", "ast-reference")]
     for label, key in curves:
         run = runs.get(key)
         points = ", ".join(f"{it}: {100 * acc:.2f}" for it, acc in run["accuracy_vs_iteration"]) if run else "not run"
@@ -357,19 +404,19 @@ def markdown(report: dict) -> str:
                   "| run | median | largest | at iteration | its start epoch |", "|---|---|---|---|---|"]
         lines += [f"| {name} | {g['median']:.3g} | {g['max']:.3g} | {g['max_iteration']} | {g['max_start_epoch']} |"
                   for name, g in spikes]
-    lines += ["", "Both methods tuned alike (ipc 10; the protocol's lr_img unless the column says otherwise; in brackets "
-              "the largest image-gradient norm of the run and, when clipped, in how many iterations the norm was above "
-              "the bound)", "", f"| method | lr_img {report['protocol']['distill']['lr_img']:g} | "
-              + " | ".join(label for label, _ in TUNED.values()) + " |", "|---|" + "---|" * (1 + len(TUNED))]
-    for method in METHODS:
-        cells = []
-        for key in (AST_VS_MTT[(method, 10)], *(f"{prefix}-{method}" for prefix in TUNED)):
-            run, g = runs.get(key), (runs.get(key) or {}).get("image_grad_norm")
-            notes = [f"{g['max']:.3g}"] if g else []
-            if g and "above_clip" in g:
-                notes.append(f"clipped in {g['above_clip']} of {g['iterations']}")
-            cells.append(_acc(run) + (f" ({'; '.join(notes)})" if notes else ""))
-        lines.append(f"| {method.upper()} | {' | '.join(cells)} |")
+    lines += ["", "Wall time of every stage (minutes on this machine)", "",
+              "| stage | item | minutes |", "|---|---|---|"]
+    for name, e in experts.items():
+        if e:
+            total = sum(s for s in e.get("seconds_per_expert", []) if s is not None)
+            lines.append(f"| experts | {name} ({len(e['avg_var'])} experts) | {_minutes(total)} |")
+    for name, run in runs.items():
+        if run and "seconds" in run:
+            lines.append(f"| distill | {name} (distillation + evaluations) | "
+                         f"{_minutes(run['seconds']['distill'])} + {_minutes(run['seconds']['evaluation'])} |")
+    for name, b in baselines.items():
+        if "seconds" in b:
+            lines.append(f"| baselines | {name} | {_minutes(b['seconds'])} |")
     if report["missing"]:
         lines += ["", f"Not run yet: {', '.join(report['missing'])}"]
     return "\n".join(lines)
