@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from astkit.errors import UserError
+from astkit.models.instance_norm import InstanceNorm
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "none")
 ACTIVATIONS = ("relu", "leakyrelu", "sigmoid", "gelu", "tanh")
@@ -23,14 +24,15 @@ def _choice(kind: str, value: str, choices: Sequence[str], model: str) -> str:
 def make_norm(norm: str, channels: int, model: str = "model", size: tuple[int, int] | None = None) -> nn.Module:
     """The norm layers of DC/DSA/MTT's ``_get_normlayer``.
 
-    ``instancenorm`` is ``GroupNorm(c, c)``; ``batchnorm`` ``BatchNorm2d(c)``;
+    ``instancenorm`` is ``GroupNorm(c, c)`` (as :class:`~astkit.models.instance_norm.InstanceNorm`,
+    whose double backward is analytic); ``batchnorm`` ``BatchNorm2d(c)``;
     ``layernorm`` is ``LayerNorm([c, H, W])`` with per-element affine
     parameters, over the feature map at that depth (``size`` = ``(H, W)``);
     ``none`` is the identity.
     """
     norm = _choice("norm", norm, NORMS, model)
     if norm == "instancenorm":
-        return nn.GroupNorm(channels, channels, affine=True)
+        return InstanceNorm(channels)
     if norm == "batchnorm":
         return nn.BatchNorm2d(channels)
     if norm == "layernorm":
