@@ -13,9 +13,13 @@ from astkit.models import build_model
 from astkit.models.instance_norm import InstanceNorm, instance_norm
 
 
-def _inputs(shape=(3, 4, 5, 5), seed=0):
+def _inputs(shape=(3, 4, 5, 5), seed=0, channels_last=False):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    if channels_last:  # as convolutions often return them: the saved input must stay the graph's own tensor
+        x = x.to(memory_format=torch.channels_last)
+        assert not x.is_contiguous()
+    x.requires_grad_(True)
     w = torch.randn(shape[1], generator=g, dtype=torch.float64).requires_grad_(True)
     b = torch.randn(shape[1], generator=g, dtype=torch.float64).requires_grad_(True)
     return x, w, b
@@ -34,16 +38,18 @@ def test_forward_equals_group_norm():
     assert _rel(instance_norm(x, w, b), _reference(x, w, b)) < 1e-12
 
 
-@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (2, 3, 7), (1, 2, 3, 4)])
-def test_first_and_second_derivatives_against_finite_differences(shape):
-    x, w, b = _inputs(shape)
+@pytest.mark.parametrize("shape,channels_last", [((3, 4, 5, 5), False), ((2, 3, 7), False), ((1, 2, 3, 4), False),
+                                                 ((3, 4, 5, 5), True)])
+def test_first_and_second_derivatives_against_finite_differences(shape, channels_last):
+    x, w, b = _inputs(shape, channels_last=channels_last)
     assert torch.autograd.gradcheck(instance_norm, (x, w, b))
     assert torch.autograd.gradgradcheck(instance_norm, (x, w, b))
 
 
-def test_third_derivative_against_finite_differences():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_third_derivative_against_finite_differences(channels_last):
     """A higher order still works: mu and r are recomputed from x when the double backward is differentiated."""
-    x, w, b = _inputs((2, 3, 4, 4))
+    x, w, b = _inputs((2, 3, 4, 4), channels_last=channels_last)
 
     def first(x, w, b):
         return torch.autograd.grad(instance_norm(x, w, b).sin().sum(), (x, w, b), create_graph=True)
@@ -52,11 +58,12 @@ def test_third_derivative_against_finite_differences():
 
 
 @pytest.mark.parametrize("use", ["all", "x only", "weight and bias only"])
-def test_double_backward_equals_group_norms(use):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_double_backward_equals_group_norms(use, channels_last):
     """A meta-objective of the first derivatives (some of them unused) has F.group_norm's gradient."""
 
     def meta(norm):
-        x, w, b = _inputs(seed=3)
+        x, w, b = _inputs(seed=3, channels_last=channels_last)
         y = norm(x, w, b)
         probe = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)
         gx, gw, gb = torch.autograd.grad((y.tanh() * probe).sum(), (x, w, b), create_graph=True)
@@ -81,12 +88,13 @@ def test_the_convnet_uses_it_with_group_norms_parameters():
     assert norms[0].num_groups == norms[0].num_channels == 8 and norms[0].eps == reference.eps
 
 
-def test_meta_gradient_through_an_unroll_equals_group_norms():
+@pytest.mark.parametrize("depth", [2, 3])
+def test_meta_gradient_through_an_unroll_equals_group_norms(depth):
     """The distillation meta-gradient (images and lr) is the same with nn.GroupNorm in float64."""
     torch.manual_seed(0)
-    ours = build_model("convnet", channels=1, num_classes=3, image_size=8, width=4, depth=2,
+    ours = build_model("convnet", channels=1, num_classes=3, image_size=8, width=4, depth=depth,
                        norm="instancenorm").double()
-    theirs = build_model("convnet", channels=1, num_classes=3, image_size=8, width=4, depth=2,
+    theirs = build_model("convnet", channels=1, num_classes=3, image_size=8, width=4, depth=depth,
                          norm="instancenorm").double()
     theirs.load_state_dict(ours.state_dict())
     for name, module in list(theirs.named_modules()):

@@ -40,10 +40,9 @@ class _InstanceNorm(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        x = x.contiguous()
         n, c, m = _groups(x)
-        y, mean, rstd = aten.native_group_norm(x, weight, bias, n, c, m, c, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        y, mean, rstd = aten.native_group_norm(x.contiguous(), weight, bias, n, c, m, c, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)  # x itself (not a copy): its graph is needed twice over
         ctx.eps = eps
         return y
 
@@ -59,9 +58,9 @@ class _InstanceNormBackward(Function):
 
     @staticmethod
     def forward(ctx, g, x, weight, mean, rstd, eps):
-        g = g.contiguous()
         n, c, m = _groups(x)
-        gx, gw, gb = aten.native_group_norm_backward(g, x, mean, rstd, weight, n, c, m, c, [True, True, True])
+        gx, gw, gb = aten.native_group_norm_backward(g.contiguous(), x.contiguous(), mean, rstd, weight, n, c, m, c,
+                                                      [True, True, True])
         ctx.save_for_backward(g, x, weight, mean, rstd)
         ctx.eps = eps
         return gx, gw, gb
