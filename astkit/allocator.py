@@ -7,7 +7,9 @@ kernel zero-fills fresh pages again and again: on the benchmark's ConvNet a
 large share of an iteration is system time spent in page faults. ``retain``
 makes malloc serve large blocks from its heap and keep freed memory for
 reuse (``M_MMAP_MAX = 0``, ``M_TRIM_THRESHOLD`` = 2 GiB): faster, at the
-price of a higher peak resident memory (see docs/results.md). The same
+price of a higher peak resident memory (see docs/results.md). ``auto`` (the
+default) is ``retain`` where glibc's ``mallopt`` is there and ``system``
+elsewhere. The same
 effect, for any process, comes from the environment variables
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``.
 """
@@ -26,13 +28,16 @@ M_MMAP_MAX = -4
 #: The largest trim threshold ``mallopt``'s int argument can hold.
 TRIM_THRESHOLD = 2**31 - 1
 
-CHOICES = ("system", "retain")
+CHOICES = ("auto", "system", "retain")
 
 
 def configure(choice: str) -> None:
     """Apply ``choice`` to this process (``system`` leaves malloc alone)."""
     if choice not in CHOICES:
         raise UserError(f"allocator must be one of {', '.join(CHOICES)}, got {choice!r}")
+    if choice == "auto":
+        retain_freed_memory()
+        return
     if choice == "retain" and not retain_freed_memory():
         raise UserError("allocator = 'retain' needs glibc malloc (Linux); set allocator = 'system'")
 

@@ -98,7 +98,7 @@ class DistillConfig:
     max_loss_to_update: float | None = None
     batch_syn: int | None = None
     student_momentum: float = 0.0
-    recompute_segment: int = 0
+    recompute_segment: int | str = "auto"
     divergence_lr_factor: float = 0.5
     max_divergences: int = 5
     max_image_growth: float = 100.0
@@ -146,7 +146,7 @@ class RunConfig:
 
     seed: int = 0
     device: str = "cpu"
-    allocator: str = "system"
+    allocator: str = "auto"
     out: str = "runs/astkit"
     plugins: list[str] = field(default_factory=list)
     disable: list[str] = field(default_factory=list)
@@ -294,7 +294,9 @@ class RunConfig:
             (d.max_image_growth > 1, "distill.max_image_growth must be > 1"),
             (d.max_lr_growth > 1, "distill.max_lr_growth must be > 1"),
             (d.clip_image_grad is None or d.clip_image_grad > 0, "distill.clip_image_grad must be > 0 (or unset for no clipping)"),
-            (d.recompute_segment >= 0, "distill.recompute_segment must be >= 0 (0 keeps the whole graph)"),
+            (d.recompute_segment == "auto" or (isinstance(d.recompute_segment, int) and d.recompute_segment >= 0),
+             f"distill.recompute_segment must be 'auto' or an integer >= 0 (0 keeps the whole graph), "
+             f"got {d.recompute_segment!r}"),
             (d.checkpoint_every >= 0 and d.eval_every >= 0, "distill.checkpoint_every and eval_every must be >= 0"),
             (e.num_experts >= 1, "experts.num_experts must be >= 1"),
             (e.epochs >= 1, "experts.epochs must be >= 1"),
@@ -326,7 +328,8 @@ class RunConfig:
             (v.lr_decay > 0, "evaluate.lr_decay must be > 0 (1 for no decay)"),
             (v.test_every >= 1, "evaluate.test_every must be >= 1"),
             (self.augment.mode in ("single", "multiple"), "augment.mode must be 'single' or 'multiple'"),
-            (self.allocator in ("system", "retain"), f"allocator must be 'system' or 'retain', got {self.allocator!r}"),
+            (self.allocator in ("auto", "system", "retain"),
+             f"allocator must be 'auto', 'system' or 'retain', got {self.allocator!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -401,6 +404,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None:
             return None
+        if str in args and isinstance(value, str):  # int | str: a number if it reads as one, else the word
+            try:
+                return _coerce(value, args[0], key)
+            except UserError:
+                return value.strip()
         return _coerce(value, args[0], key)
     if annotation is Any:
         return value

@@ -17,7 +17,7 @@ from astkit.errors import DivergenceError, UserError
 from astkit.functional import FlatModel
 from astkit import labels as label_rules
 from astkit.interrupts import deferred_interrupt
-from astkit.matching import MatchPoint, matching_loss, unroll, validate_schedule
+from astkit.matching import MatchPoint, matching_loss, recompute_segment, unroll, validate_schedule
 from astkit.results import DistilledSet, IterationMetrics
 from astkit.trajectory import Trajectory
 
@@ -200,7 +200,7 @@ class Distiller:
             generator=self.generator,
             momentum=d.student_momentum,
             keep={p.student_step for p in schedule},
-            segment=d.recompute_segment,
+            segment=recompute_segment(d.recompute_segment, d.syn_steps),
             shard=self.shard,
             loss_fn=self.student_loss,
         )

@@ -49,8 +49,9 @@ def make_optimizer(params, config: RunConfig, lr: float) -> torch.optim.Optimize
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` (put in eval mode for the call)."""
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` (put in eval mode for the call; no graph is kept)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -6,6 +6,7 @@ images and the student lr can be checked against finite differences.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -107,6 +108,20 @@ def student_step(forward, theta, velocity, images, labels, lr, step_plan, augmen
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels, reduction="none")
+
+
+def recompute_segment(setting: int | str, syn_steps: int) -> int:
+    """The ``segment`` of :func:`unroll` for ``distill.recompute_segment``.
+
+    ``"auto"`` is ``ceil(sqrt(syn_steps))``: memory for about ``2 sqrt(syn_steps)``
+    steps' worth of graph and boundary students instead of ``syn_steps``, for one
+    more first-order step per recomputed step (0, the whole graph, when that
+    would not be smaller). An integer is used as given.
+    """
+    if setting != "auto":
+        return int(setting)
+    segment = math.isqrt(syn_steps - 1) + 1 if syn_steps > 1 else 1
+    return segment if segment < syn_steps else 0
 
 
 def unroll(

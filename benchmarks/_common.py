@@ -119,7 +119,7 @@ def run_child(script: str, spec: dict, timeout: float | None = None) -> dict:
         if proc.returncode in (-9, 137):
             why += " (killed: probably out of memory)"
         return {**spec, "ok": False, "error": why}
-    return {**result, "ok": True}
+    return {"ok": True, **result}  # a child may report its own failure
 
 
 def environment(threads_used: int | None = None) -> dict:

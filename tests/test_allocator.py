@@ -54,5 +54,5 @@ def test_cli_run_with_retain_allocator(tmp_path):
 
 
 def test_bad_allocator_is_one_line_error():
-    with pytest.raises(UserError, match="allocator must be 'system' or 'retain'"):
+    with pytest.raises(UserError, match="allocator must be 'auto', 'system' or 'retain'"):
         RunConfig.load(overrides=["allocator=jemalloc"]).validate()

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from astkit.functional import FlatModel
-from astkit.matching import MatchPoint, matching_loss, unroll
+from astkit.matching import MatchPoint, matching_loss, recompute_segment, unroll
 
 
 def tiny_net(dtype=torch.float64):
@@ -140,3 +140,23 @@ def test_segment_recomputation_gives_the_full_graph_gradients():
         torch.testing.assert_close(loss, ref[2], rtol=1e-12, atol=0)
         torch.testing.assert_close(gx, ref[3], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(glr, ref[4], rtol=1e-9, atol=1e-12)
+
+
+def test_auto_recompute_segment_is_the_ceiling_of_the_square_root():
+    """``auto``: segments of ceil(sqrt(steps)); the whole graph where that would not be smaller."""
+    got = {n: recompute_segment("auto", n) for n in (1, 2, 3, 4, 10, 20, 50, 80)}
+    assert got == {1: 0, 2: 0, 3: 2, 4: 2, 10: 4, 20: 5, 50: 8, 80: 9}
+    assert recompute_segment(0, 20) == 0 and recompute_segment(7, 20) == 7
+
+
+def test_recompute_segment_setting_is_auto_or_a_count():
+    import pytest
+
+    from astkit import RunConfig, UserError
+
+    assert RunConfig().distill.recompute_segment == "auto"
+    assert RunConfig.load(overrides=["distill.recompute_segment=6"]).distill.recompute_segment == 6
+    assert RunConfig.load(overrides=["distill.recompute_segment=auto"]).distill.recompute_segment == "auto"
+    for bad in ("fast", "-1"):
+        with pytest.raises(UserError, match="recompute_segment must be 'auto' or an integer >= 0"):
+            RunConfig.load(overrides=[f"distill.recompute_segment={bad}"]).validate()
