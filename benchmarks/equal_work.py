@@ -254,6 +254,15 @@ def worker(spec: dict) -> dict:
     import torch
 
     threads = common.set_threads(spec["threads"])
+    if spec["side"] == "mtt" and spec.get("baseline_allocator", "system") != "system":
+        from astkit import allocator  # the baseline tuned alike: the same malloc settings as astkit's
+
+        allocator.configure(spec["baseline_allocator"])
+    elif spec["side"] == "astkit":
+        from astkit import RunConfig
+        from astkit.process import setup
+
+        setup(RunConfig.load(overrides=[f"device={spec.get('device', 'cpu')}"]))  # as `astkit distill` starts
     module, start, target, images, labels, augment = problem(spec)
     device = images.device
     classes, batch_syn = spec.get("classes", NUM_CLASSES), spec.get("batch_syn")
@@ -476,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: torch's)")
     parser.add_argument("--width", type=int, default=None, help="ConvNet width (default 128; --quick: 8)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline-allocator", choices=("system", "retain"), default="system",
+                        help="glibc malloc settings of the baseline's process (default: as plain PyTorch runs; "
+                             "retain: astkit's allocator = retain, the baseline tuned alike)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds after which one run is abandoned")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for all runs together: each run's timeout is cut to what is left, and runs "
@@ -506,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cuda = args.device == "cuda"
     base = {"width": width, "threads": args.threads, "seed": args.seed, "warmup": args.warmup,
-            "iterations": iterations, "device": args.device}
+            "iterations": iterations, "device": args.device, "baseline_allocator": args.baseline_allocator}
 
     checks = [runner.run({**base, **c, "check": True}) for c in configs] if args.quick else []
     results = []
@@ -524,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Distillation iteration, MTT's formulation (plain PyTorch) vs astkit's Distiller.step at its defaults, on "
           f"{args.device}{' (' + device['gpu_name'] + ')' if cuda else ''}; ConvNet width {width} depth {DEPTH} "
           f"instance norm, DSA, batch_syn as configured (default all images); {iterations} timed iteration(s) after "
-          f"{args.warmup} warm-up per run; threads {args.threads or 'torch default'}")
+          f"{args.warmup} warm-up per run; threads {args.threads or 'torch default'}; baseline allocator "
+          f"{args.baseline_allocator}")
     print(common.table(headers, rows))
     for line in failures:
         print(f"failed: {line}")
@@ -551,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "equal_work", "command": command, "quick": args.quick,
         "settings": {"width": width, "depth": DEPTH, "rounds": rounds, "iterations": iterations,
                      "warmup": args.warmup, "threads": args.threads, "seed": args.seed, "device": args.device,
+                     "baseline_allocator": args.baseline_allocator,
                      "timeout": args.timeout, "budget": args.budget,
                      "peak_memory": "torch.cuda.max_memory_allocated" if cuda else "VmHWM",
                      "baseline": "MTT distill.py's step in plain PyTorch (flat vector, autograd.grad per step on "
