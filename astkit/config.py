@@ -99,6 +99,7 @@ class DistillConfig:
     batch_syn: int | None = None
     student_momentum: float = 0.0
     recompute_segment: int | str = "auto"
+    memory_budget_gib: float | None = None
     divergence_lr_factor: float = 0.5
     max_divergences: int = 5
     max_image_growth: float = 100.0
@@ -297,6 +298,8 @@ class RunConfig:
             (d.recompute_segment == "auto" or (isinstance(d.recompute_segment, int) and d.recompute_segment >= 0),
              f"distill.recompute_segment must be 'auto' or an integer >= 0 (0 keeps the whole graph), "
              f"got {d.recompute_segment!r}"),
+            (d.memory_budget_gib is None or d.memory_budget_gib > 0,
+             "distill.memory_budget_gib must be > 0 (or unset for an eighth of the device's memory)"),
             (d.checkpoint_every >= 0 and d.eval_every >= 0, "distill.checkpoint_every and eval_every must be >= 0"),
             (e.num_experts >= 1, "experts.num_experts must be >= 1"),
             (e.epochs >= 1, "experts.epochs must be >= 1"),

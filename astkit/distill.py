@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from astkit.errors import DivergenceError, UserError
 from astkit.functional import FlatModel
 from astkit import labels as label_rules
 from astkit.interrupts import deferred_interrupt
-from astkit.matching import MatchPoint, matching_loss, recompute_segment, unroll, validate_schedule
+from astkit.matching import (MatchPoint, choose_segment, graph_bytes, matching_loss, plan_steps, student_step,
+                             unroll, validate_schedule)
 from astkit.results import DistilledSet, IterationMetrics
 from astkit.trajectory import Trajectory
 
@@ -78,6 +80,10 @@ class Distiller:
         self.evaluated = -1
         self.failures = 0
         self.history: list[IterationMetrics] = []
+        #: ``distill.recompute_segment = "auto"`` resolved on the first iteration (see :meth:`recompute_segment`)
+        self.segment: int | None = None
+        #: what that choice was made from: the graph bytes of one student step and the budget
+        self.segment_probe: dict[str, int] = {}
 
     @property
     def optimisers(self) -> dict[str, tuple[torch.optim.Optimizer, torch.Tensor]]:
@@ -158,6 +164,32 @@ class Distiller:
                 f"{last.iteration}; the last sane set is saved; lower distill.lr_img or distill.lr_lr"
             )
 
+    def recompute_segment(self, start: torch.Tensor, weight: float, use_aug: bool) -> int:
+        """``distill.recompute_segment``; ``auto`` is chosen once, from the graph one student step builds
+        (measured on a probe step with its own random draws) and ``distill.memory_budget_gib`` (default: an
+        eighth of the device's memory). Under torchrun every rank takes rank 0's choice."""
+        d = self.config.distill
+        if d.recompute_segment != "auto":
+            return int(d.recompute_segment)
+        if self.segment is None:
+            augment = self.augment if use_aug else None
+            plan = plan_steps(self.images, 1, d.batch_syn, augment, torch.Generator().manual_seed(0))
+
+            def probe():
+                student_step(self.student, start.detach().clone().requires_grad_(True), None, self.images.detach(),
+                             self.labels.detach(), self.lr.detach(), plan[0], augment, weight, d.student_momentum,
+                             create_graph=True, shard=self.shard,
+                             loss_fn=lambda z, t: label_rules.per_sample_loss(z, t, d.label_temperature))
+
+            step_bytes = graph_bytes(probe)
+            budget = (int(d.memory_budget_gib * 2**30) if d.memory_budget_gib is not None
+                      else device_memory_bytes(self.device) // 8)
+            segment = choose_segment("auto", d.syn_steps, step_bytes, budget)
+            if self.shard is not None:
+                segment = int(self.shard.broadcast_(torch.tensor([segment], device=self.device))[0])
+            self.segment, self.segment_probe = segment, {"step_bytes": step_bytes, "budget_bytes": budget}
+        return self.segment
+
     def _meta_gradient(self) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, Any]]:
         """Draw expert and start, unroll the student, backpropagate the matching
         loss into the gradients of images, lr (and learned labels); nothing else changes."""
@@ -200,7 +232,7 @@ class Distiller:
             generator=self.generator,
             momentum=d.student_momentum,
             keep={p.student_step for p in schedule},
-            segment=recompute_segment(d.recompute_segment, d.syn_steps),
+            segment=self.recompute_segment(start, weight, use_aug),
             shard=self.shard,
             loss_fn=self.student_loss,
         )
@@ -418,3 +450,13 @@ def checked_student_loss(hooks, logits: torch.Tensor, labels: torch.Tensor, conf
         shape = tuple(losses.shape) if torch.is_tensor(losses) else type(losses).__name__
         raise UserError(f"astkit_student_loss returned {shape}; it must be per-sample losses ({logits.shape[0]},)")
     return losses
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """The total memory of ``device``: the GPU's, or the machine's physical memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): assume 16 GiB
+        return 16 * 2**30

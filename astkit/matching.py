@@ -110,18 +110,45 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels, reduction="none")
 
 
-def recompute_segment(setting: int | str, syn_steps: int) -> int:
+def sqrt_segment(syn_steps: int) -> int:
+    """``ceil(sqrt(syn_steps))``, or 0 (the whole graph) where that would not be smaller."""
+    segment = math.isqrt(syn_steps - 1) + 1 if syn_steps > 1 else 1
+    return segment if segment < syn_steps else 0
+
+
+def choose_segment(setting: int | str, syn_steps: int, step_bytes: int, budget_bytes: int) -> int:
     """The ``segment`` of :func:`unroll` for ``distill.recompute_segment``.
 
-    ``"auto"`` is ``ceil(sqrt(syn_steps))``: memory for about ``2 sqrt(syn_steps)``
-    steps' worth of graph and boundary students instead of ``syn_steps``, for one
-    more first-order step per recomputed step (0, the whole graph, when that
-    would not be smaller). An integer is used as given.
+    An integer is used as given. ``"auto"`` keeps the whole graph (0) when
+    ``syn_steps`` steps of ``step_bytes`` each fit in ``budget_bytes``;
+    otherwise segments of :func:`sqrt_segment` steps (memory for about
+    ``2 sqrt(syn_steps)`` steps' worth of graph and stored students, for one
+    more first-order step per recomputed step), fewer if one segment's graph
+    alone would not fit.
     """
     if setting != "auto":
         return int(setting)
-    segment = math.isqrt(syn_steps - 1) + 1 if syn_steps > 1 else 1
-    return segment if segment < syn_steps else 0
+    if step_bytes * syn_steps <= budget_bytes:
+        return 0
+    segment = sqrt_segment(syn_steps)
+    if segment == 0:
+        return 0
+    return max(1, min(segment, budget_bytes // max(step_bytes, 1)))
+
+
+def graph_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs: the size of the
+    graph it builds (what a step of the unroll keeps alive until the meta-gradient is taken)."""
+    sizes: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(sizes.values())
 
 
 def unroll(

@@ -12,7 +12,7 @@ from astkit import DistilledSet, Engine, MatchPoint, RunConfig, UserError, hooki
 from astkit.checkpoint import Checkpoint, pack_state, unpack_state
 from astkit.functional import FlatModel
 from astkit.labels import per_sample_loss
-from astkit.matching import recompute_segment, unroll
+from astkit.matching import unroll
 from astkit.models import build_model
 from astkit.plugins import PluginSet
 
@@ -78,12 +78,11 @@ def test_a_student_loss_plugin_is_used_in_the_unroll_and_in_evaluation(tmp_path,
             return 2 * F.cross_entropy(logits, labels, reduction="none")
 
     plain = Engine(tiny_config(tmp_path / "a", "distill.iterations=1"), dataset=digits)
-    doubled = Engine(tiny_config(tmp_path / "b", "distill.iterations=1"), dataset=digits, plugins=[Doubled()])
+    doubled = Engine(tiny_config(tmp_path / "b", "distill.iterations=1", "distill.recompute_segment=2"),
+                     dataset=digits, plugins=[Doubled()])
     a, b = plain.distill(experts), doubled.distill(experts)
     steps = doubled.config.distill.syn_steps
-    segment = recompute_segment(doubled.config.distill.recompute_segment, steps)
-    recomputed = (steps - 1) // segment * segment if segment else 0
-    assert recomputed > 0  # the default recomputes: the hook runs again for each recomputed step
+    recomputed = (steps - 1) // 2 * 2  # segments of 2: the hook runs again for each recomputed step
     assert calls["n"] == steps + recomputed
     assert not torch.equal(a.images, b.images)  # twice the loss: another student, another meta-gradient
     doubled.evaluate(b)
@@ -438,3 +437,29 @@ def test_check_config_refuses_before_any_work(tmp_path, digits):
         Engine(config, dataset=digits, plugins=[Picky()])
     assert not (tmp_path / "run").exists()
     Engine(tiny_config(tmp_path, "distill.ipc=1"), dataset=digits, plugins=[Picky()])  # accepted
+
+
+def test_images_per_class_of_soft_labels_do_not_follow_their_argmax():
+    """Learned soft labels may all point at one class; the set still holds its run's ipc per class."""
+    labels = torch.zeros(6, 3)
+    labels[:, 0] = 5.0  # every argmax is class 0
+    images = torch.zeros(6, 1, 4, 4)
+    assert DistilledSet(images, labels, 0.01, 0, {"config": {"distill": {"ipc": 2}}}).ipc == 2
+    assert DistilledSet(images, labels, 0.01, 0, {}).ipc == 2  # 6 images / 3 classes
+    assert DistilledSet(images[:5], labels[:5], 0.01, 0, {}).ipc == 2  # rounded up
+    hard = torch.tensor([0, 0, 0, 1, 2, 2])
+    assert DistilledSet(images, hard, 0.01, 0, {"config": {"distill": {"ipc": 2}}}).ipc == 3  # the largest class
+
+
+def test_auto_recomputation_follows_the_memory_budget(tmp_path, digits, experts):
+    """``recompute_segment = auto`` measures one student step's graph on the first iteration: the tiny
+    protocol fits any sensible budget (the whole graph); a budget below one step recomputes every step."""
+    roomy = Engine(tiny_config(tmp_path / "a"), dataset=digits).make_distiller(experts)
+    roomy.step()
+    assert roomy.segment == 0 and roomy.segment_probe["step_bytes"] > 0
+    assert roomy.segment_probe["budget_bytes"] > 2**27  # an eighth of this machine's memory
+    tight = Engine(tiny_config(tmp_path / "b", "distill.memory_budget_gib=1e-9"), dataset=digits).make_distiller(experts)
+    tight.step()
+    assert tight.segment == 1 and tight.segment_probe["budget_bytes"] == 1
+    # the same meta-gradient either way (the probe draws nothing from the run's generator)
+    torch.testing.assert_close(tight.images, roomy.images, rtol=1e-4, atol=1e-6)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from astkit.functional import FlatModel
-from astkit.matching import MatchPoint, matching_loss, recompute_segment, unroll
+from astkit.matching import MatchPoint, choose_segment, graph_bytes, matching_loss, sqrt_segment, unroll
 
 
 def tiny_net(dtype=torch.float64):
@@ -142,11 +142,26 @@ def test_segment_recomputation_gives_the_full_graph_gradients():
         torch.testing.assert_close(glr, ref[4], rtol=1e-9, atol=1e-12)
 
 
-def test_auto_recompute_segment_is_the_ceiling_of_the_square_root():
-    """``auto``: segments of ceil(sqrt(steps)); the whole graph where that would not be smaller."""
-    got = {n: recompute_segment("auto", n) for n in (1, 2, 3, 4, 10, 20, 50, 80)}
-    assert got == {1: 0, 2: 0, 3: 2, 4: 2, 10: 4, 20: 5, 50: 8, 80: 9}
-    assert recompute_segment(0, 20) == 0 and recompute_segment(7, 20) == 7
+def test_auto_recompute_segment_keeps_the_graph_that_fits_else_square_root_segments():
+    """``auto``: the whole graph when it fits the budget, else ceil(sqrt(steps)) segments (fewer if one
+    segment would not fit); an integer is used as given."""
+    assert {n: sqrt_segment(n) for n in (1, 2, 3, 4, 10, 20, 50, 80)} == {
+        1: 0, 2: 0, 3: 2, 4: 2, 10: 4, 20: 5, 50: 8, 80: 9}
+    assert choose_segment("auto", 20, step_bytes=100, budget_bytes=2000) == 0  # 20 steps fit
+    assert choose_segment("auto", 20, step_bytes=100, budget_bytes=1999) == 5  # they do not: sqrt
+    assert choose_segment("auto", 20, step_bytes=100, budget_bytes=300) == 3  # one segment of 5 would not fit
+    assert choose_segment("auto", 20, step_bytes=100, budget_bytes=10) == 1
+    assert choose_segment("auto", 2, step_bytes=100, budget_bytes=10) == 0  # nothing smaller to make
+    assert choose_segment(0, 20, 100, 10) == 0 and choose_segment(7, 20, 100, 10**9) == 7
+
+
+def test_graph_bytes_counts_what_autograd_saves():
+    a = torch.randn(1000, requires_grad=True)
+    b = torch.randn(1000)
+    assert graph_bytes(lambda: a * b) == 4000  # d/da needs b (float32): a is not saved, b needs no grad
+    assert graph_bytes(lambda: (a * a).exp()) == 8000  # a (once, one storage) and exp's output
+    with torch.no_grad():
+        assert graph_bytes(lambda: a * b) == 0
 
 
 def test_recompute_segment_setting_is_auto_or_a_count():
@@ -154,9 +169,11 @@ def test_recompute_segment_setting_is_auto_or_a_count():
 
     from astkit import RunConfig, UserError
 
-    assert RunConfig().distill.recompute_segment == "auto"
+    assert RunConfig().distill.recompute_segment == "auto" and RunConfig().distill.memory_budget_gib is None
     assert RunConfig.load(overrides=["distill.recompute_segment=6"]).distill.recompute_segment == 6
     assert RunConfig.load(overrides=["distill.recompute_segment=auto"]).distill.recompute_segment == "auto"
     for bad in ("fast", "-1"):
         with pytest.raises(UserError, match="recompute_segment must be 'auto' or an integer >= 0"):
             RunConfig.load(overrides=[f"distill.recompute_segment={bad}"]).validate()
+    with pytest.raises(UserError, match="memory_budget_gib must be > 0"):
+        RunConfig.load(overrides=["distill.memory_budget_gib=0"]).validate()
