@@ -24,7 +24,14 @@ class ExpertBatch:
     images: torch.Tensor
     labels: torch.Tensor
     clean_images: torch.Tensor
+    #: a seed fixed for this batch (the same in every call of the step's closure, e.g. both passes of a
+    #: sharpness-aware step), derived from the expert's seed, the epoch and the batch
+    seed: int = 0
     _logits: torch.Tensor | None = field(default=None, repr=False)
+
+    def generator(self) -> torch.Generator:
+        """A fresh generator on the images' device seeded with :attr:`seed`: the batch's own random draws."""
+        return torch.Generator(device=self.images.device).manual_seed(self.seed)
 
     def require_input_grad(self) -> torch.Tensor:
         """Make ``images`` require grad (call before :meth:`logits`)."""
@@ -48,7 +55,6 @@ def make_optimizer(params, config: RunConfig, lr: float) -> torch.optim.Optimize
     return torch.optim.SGD(params, lr=lr, momentum=e.momentum, weight_decay=e.weight_decay)
 
 
-@torch.no_grad()
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` (put in eval mode for the call; no graph is kept)."""
@@ -115,14 +121,15 @@ def train_expert(
         model.train()
         order = torch.randperm(n, generator=generator)
         total, count = 0.0, 0
-        for start in range(0, n, e.batch_size):
+        for batch_index, start in enumerate(range(0, n, e.batch_size)):
             idx = order[start : start + e.batch_size]
+            batch_seed = expert_seed(seed, epoch * (n // e.batch_size + 1) + batch_index)
             clean = images[idx].to(device)
             x = augment(clean, generator=generator) if (e.augment and augment.enabled) else clean
             y = labels[idx].to(device)
 
             def closure() -> torch.Tensor:
-                loss = hooks.astkit_expert_loss(batch=ExpertBatch(model, x, y, clean), epoch=epoch,
+                loss = hooks.astkit_expert_loss(batch=ExpertBatch(model, x, y, clean, batch_seed), epoch=epoch,
                                                 num_epochs=e.epochs, config=config)
                 if loss is None or not torch.is_tensor(loss) or loss.ndim != 0:
                     raise UserError("the astkit_expert_loss hook must return a scalar tensor; fix or disable the plugin that answers it")

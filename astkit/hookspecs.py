@@ -101,7 +101,9 @@ def astkit_expert_loss(
         ``batch.logits()`` (the model's output on ``images``, computed once
         and cached, so several plugins share one forward pass). To take a
         gradient with respect to the inputs, call
-        ``batch.require_input_grad()`` *before* ``batch.logits()``.
+        ``batch.require_input_grad()`` *before* ``batch.logits()``. Random
+        draws of a plugin (e.g. a subsample) come from ``batch.generator()``,
+        seeded per batch: the same in every call of one step's closure.
     :param epoch: the current epoch, counted from 0.
     :param num_epochs: the number of epochs each expert trains.
     :param config: the run's configuration.
@@ -594,13 +596,17 @@ def astkit_on_iteration_start(
 def astkit_on_iteration_end(
     metrics: IterationMetrics, images: torch.Tensor, run: RunContext, config: RunConfig
 ) -> None:
-    """A distillation iteration finished (the images and lr were updated).
+    """A distillation iteration finished.
 
-    Called after every distillation iteration (under torchrun, on rank 0).
+    Called after every distillation iteration (under torchrun, on rank 0),
+    whether its update was applied, skipped (``metrics.skipped``: the loss
+    was above ``distill.max_loss_to_update``) or rolled back
+    (``metrics.rolled_back``: the images and lr are the last sane ones).
 
     :param metrics: the iteration's numbers (``iteration``, ``loss``,
-        ``lr``, ``start_epoch``, ``inner_weight``, ``seconds``, ...).
-    :param images: the synthetic images after the update (do not modify).
+        ``lr``, ``start_epoch``, ``inner_weight``, ``seconds``, ``skipped``,
+        ``rolled_back``, ...).
+    :param images: the synthetic images as they now are (do not modify).
     :param run: the run's context (:class:`astkit.RunContext`).
     :param config: the run's configuration.
 

@@ -247,7 +247,7 @@ class Reporter:
             lines += ["## Experts", "", "| expert | epochs | final test acc | best test acc | Avg_Var |",
                       "|---|---|---|---|---|"]
             for x in experts:
-                acc = x["test_accuracy"]
+                acc = [a for a in x["test_accuracy"] if math.isfinite(a)]  # an imported expert may have none
                 lines.append(f"| {x['index']} | {x['epochs']} | {_fmt(acc[-1] if acc else None)} | "
                              f"{_fmt(max(acc) if acc else None)} | {x['avg_var']:.4g} |")
             mean_var = sum(x["avg_var"] for x in experts) / len(experts)
@@ -299,9 +299,10 @@ class Reporter:
         table.add_row("plugins", ", ".join(plugins) or "none (MTT baseline)")
         if experts:
             accs = [x["test_accuracy"][-1] for x in experts if x["test_accuracy"]]
-            mean_acc = sum(accs) / len(accs) if accs else float("nan")
+            accs = [a for a in accs if math.isfinite(a)]
             mean_var = sum(x["avg_var"] for x in experts) / len(experts)
-            table.add_row("experts", f"{len(experts)}, test acc {mean_acc:.4f}, Avg_Var {mean_var:.4g}")
+            shown = f"test acc {sum(accs) / len(accs):.4f}" if accs else "test acc not recorded"
+            table.add_row("experts", f"{len(experts)}, {shown}, Avg_Var {mean_var:.4g}")
         if history:
             last = history[-1]
             table.add_row("distillation", f"{int(last['iteration']) + 1} iterations, loss {metric_float(last.get('loss')):.4g}, "
@@ -317,7 +318,7 @@ class Reporter:
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
 # ------------------------------------------------------- baselines, scores

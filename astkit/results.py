@@ -64,6 +64,14 @@ class DistilledSet:
 
     @property
     def ipc(self) -> int:
+        """Images per class: the largest class of hard labels; for soft labels (whose argmax may
+        move while they are learned) the run's ``distill.ipc``, else images / classes rounded up."""
+        if self.soft_labels:
+            recorded = ((self.meta.get("config") or {}).get("distill") or {}).get("ipc")
+            if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 1:
+                return recorded
+            classes = self.labels.shape[1]
+            return -(-self.labels.shape[0] // classes) if classes else 0
         counts = torch.bincount(label_rules.classes(self.labels))
         return int(counts.max()) if counts.numel() else 0
 

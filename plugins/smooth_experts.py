@@ -106,7 +106,7 @@ def astkit_expert_loss(batch, epoch, config):
             x = batch.images if s["inputs"] == "augmented" else batch.clean_images
             if s["penalty_fraction"] < 1.0:  # unbiased estimate on a random subsample
                 keep = max(1, round(s["penalty_fraction"] * x.shape[0]))
-                x = x[torch.randperm(x.shape[0], device=x.device)[:keep]]
+                x = x[torch.randperm(x.shape[0], generator=batch.generator(), device=x.device)[:keep]]
             x = x.detach().requires_grad_(True)
             logits = batch.model(x)
         penalty = gradient_penalty(input_gradient(logits, x), float(s["K"]), s["norm"])

@@ -248,10 +248,12 @@ class CountLoss:
 
     def __init__(self):
         self.calls = 0
+        self.seeds = []
 
     @hookimpl(wrapper=True)
-    def astkit_expert_loss(self):
+    def astkit_expert_loss(self, batch):
         self.calls += 1
+        self.seeds.append(batch.seed)
         return (yield)
 
 
@@ -270,6 +272,8 @@ def test_an_end_to_end_run_trains_gsam_experts_and_saves_the_ema(run, digits, tm
     assert sorted(engine.enabled) == ["count-loss", "ftd"]
     batches = 4 * -(-len(digits.train_labels) // 128)
     assert counter.calls == 2 * batches  # two loss evaluations per batch: at w and at w + e
+    # both passes of a step see the same batch seed (a plugin's subsample is the same); batches differ
+    assert counter.seeds[0::2] == counter.seeds[1::2] and len(set(counter.seeds)) == batches
     assert result.evaluation.to_json() and len(result.history) == 3
     plain = Engine(tiny_config(tmp_path / "plain", "experts.num_experts=1"), dataset=digits).train_experts()
     assert not torch.equal(plain[0].snapshots[1:], result.experts[0].snapshots[1:])  # not the baseline's SGD
@@ -366,3 +370,17 @@ def test_the_preset_sets_ftds_buffer_script_and_defaults(found):
     e, options = engine.config.experts, engine.config.options["ftd"]
     assert (e.lr, e.momentum, e.weight_decay, e.lr_decay) == (0.01, 0.5, 0.0, 1.0)  # the user's value wins
     assert options == {"sharpness": "gsam", "rho": 0.01, "alpha": 0.3, "adaptive": True, "ema_decay": 0.999}
+
+
+def test_a_subsampled_penalty_draws_from_the_batch_generator(found):
+    """smooth-experts' penalty on a subsample: the same batch seed gives the same loss (both passes of a
+    sharpness-aware step), another seed another subsample."""
+    pm, config = manager(found, "smooth-experts.penalty_fraction=0.5", plugins=("smooth-experts",))
+    model = tiny_model()
+
+    def loss(seed):
+        return pm.hook.astkit_expert_loss(batch=ExpertBatch(model, X, Y, X, seed), epoch=1, num_epochs=4,
+                                          config=config)
+
+    assert torch.equal(loss(3), loss(3))
+    assert not torch.equal(loss(3), loss(4))

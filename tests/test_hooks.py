@@ -287,3 +287,22 @@ def test_distill_start_gives_the_initial_set_and_the_run_context_fresh_and_after
     # the event is also callable directly through the manager
     engine.pm.hook.astkit_on_distill_start(images=images, labels=labels, iteration=7, run=run, config=engine.config)
     assert resumed.starts[-1][2] == 7 and reporter.grids[-1].name == "iter_000007.png"
+
+
+def test_the_summary_of_imported_experts_without_test_accuracy_says_so():
+    """An imported buffer records no test accuracy (NaN): the summary and report.md show no NaN."""
+    import io
+
+    from rich.console import Console
+
+    from astkit.report import Reporter
+
+    out = io.StringIO()
+    reporter = Reporter(quiet=True, console=Console(file=out, width=200))
+    nan = float("nan")
+    experts = [{"index": 0, "epochs": 2, "test_accuracy": [nan, nan], "avg_var": 1.5}]
+    reporter.print_summary(experts, None, [], None, {})
+    assert "test acc not recorded" in out.getvalue() and "nan" not in out.getvalue()
+    from astkit.report import _fmt
+
+    assert _fmt(nan) == _fmt(None) == "-" and _fmt(0.5) == "0.5000"  # report.md's expert table
