@@ -290,10 +290,67 @@ def worker(spec: dict) -> dict:
             times.append(elapsed)
         print(f"  {config_name(spec)} {spec['side']}: iteration {i + 1} {elapsed:.2f} s, loss {loss:.4g}",
               file=sys.stderr)
+    peaks = {**gpu_memory(device), **common.peak_memory()}  # before profiling, which adds its own records
     return {"side": spec["side"], "name": config_name(spec), "seconds_per_iteration": common.median(times),
             "seconds_all": times, "threads": threads, "torch": torch.__version__, "num_params": int(start.numel()),
             "device": str(device), "baseline_rss_bytes": baseline, "gpu_resident_bytes_before": resident,
-            **gpu_memory(device), **common.peak_memory()}
+            **peaks, **({"profile": profile_iteration(step)} if spec.get("profile") else {})}
+
+
+#: Where an operator's time is booked in a profile (first match of a name fragment; the rest is "other").
+PROFILE_CATEGORIES = [
+    ("convolution", ("convolution", "conv2d", "mkldnn")),
+    ("instance norm", ("group_norm", "instancenorm", "var_mean", "vecdot")),
+    ("relu", ("threshold", "clamp_min", "relu")),
+    ("pooling", ("pool",)),
+    ("augmentation (DSA)", ("grid_sampler", "affine_grid", "flip", "roll", "bernoulli", "rand")),
+    ("zero fills and copies", ("fill_", "zero_", "copy_", "clone", "contiguous", "cat", "stack")),
+    ("element-wise arithmetic and reductions", ("mul", "add", "sub", "div", "neg", "sum", "mean", "pow", "exp",
+                                                "log", "sqrt", "rsqrt", "where", "max", "min", "softmax", "nll",
+                                                "linear", "mm", "addmm")),
+]
+
+
+def print_profiles(results: list[dict]) -> None:
+    """Each configuration's first profiled pair: share of self time per category, baseline beside astkit."""
+    seen = set()
+    for r in results:
+        if not r.get("ok") or "profile" not in r or r["config"] in seen:
+            continue
+        pair = {x["side"]: x["profile"] for x in results
+                if x.get("ok") and "profile" in x and x["config"] == r["config"] and x["round"] == r["round"]}
+        if len(pair) < 2:
+            continue
+        seen.add(r["config"])
+        rows = []
+        for name in pair["mtt"]["categories"]:
+            cells = [name]
+            for side in ("mtt", "astkit"):
+                prof = pair[side]
+                seconds = prof["categories"][name]
+                cells.append(f"{seconds:.2f} s ({100 * seconds / max(prof['self_seconds'], 1e-12):.0f}%)")
+            rows.append(cells)
+        rows.append(["total self time", *(f"{pair[s]['self_seconds']:.2f} s" for s in ("mtt", "astkit"))])
+        print()
+        print(f"Profile of one iteration, {r['config']} (self CPU time per operator category):")
+        print(common.table(["category", "MTT", "astkit"], rows))
+
+
+def profile_iteration(step) -> dict:
+    """One more iteration under torch.profiler: seconds of self time per category and the top operators."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    ops = [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()]
+    categories = {name: 0.0 for name, _ in PROFILE_CATEGORIES} | {"other": 0.0}
+    for key, seconds, _ in ops:
+        lowered = key.lower()
+        name = next((n for n, fragments in PROFILE_CATEGORIES if any(f in lowered for f in fragments)), "other")
+        categories[name] += seconds
+    top = sorted(ops, key=lambda op: -op[1])[:15]
+    return {"self_seconds": sum(s for _, s, _ in ops), "categories": categories,
+            "top_ops": [{"name": k, "self_seconds": s, "calls": c} for k, s, c in top]}
 
 
 def same_work_check(spec: dict) -> dict:
@@ -492,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for all runs together: each run's timeout is cut to what is left, and runs "
                              "that would start after it are reported as not run")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed iterations, profile one more iteration of each run (torch.profiler): "
+                             "self time per operator category, printed and written to the JSON")
     parser.add_argument("--quick", action="store_true", help="tiny problem, same-work check first (seconds)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -518,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cuda = args.device == "cuda"
     base = {"width": width, "threads": args.threads, "seed": args.seed, "warmup": args.warmup,
-            "iterations": iterations, "device": args.device, "baseline_allocator": args.baseline_allocator}
+            "iterations": iterations, "device": args.device, "baseline_allocator": args.baseline_allocator,
+            "profile": args.profile}
 
     checks = [runner.run({**base, **c, "check": True}) for c in configs] if args.quick else []
     results = []
@@ -559,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
               f"published syn_steps and batch_syn used here) beside the medians measured here (GB = 10^9 bytes, "
               f"the peak of torch.cuda.max_memory_allocated):")
         print(common.table(["config", "method", "s/it", "peak GB"], anchors))
+    if args.profile:
+        print_profiles(results)
     print(f"command: {command}")
     common.write_json(args.json, {
         "benchmark": "equal_work", "command": command, "quick": args.quick,
