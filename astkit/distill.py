@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from astkit import labels as label_rules
 from astkit.interrupts import deferred_interrupt
 from astkit.matching import (MatchPoint, choose_segment, graph_bytes, matching_loss, plan_steps, student_step,
                              unroll, validate_schedule)
+from astkit.process import device_memory_bytes
 from astkit.results import DistilledSet, IterationMetrics
 from astkit.trajectory import Trajectory
 
@@ -450,13 +450,3 @@ def checked_student_loss(hooks, logits: torch.Tensor, labels: torch.Tensor, conf
         shape = tuple(losses.shape) if torch.is_tensor(losses) else type(losses).__name__
         raise UserError(f"astkit_student_loss returned {shape}; it must be per-sample losses ({logits.shape[0]},)")
     return losses
-
-
-def device_memory_bytes(device: torch.device) -> int:
-    """The total memory of ``device``: the GPU's, or the machine's physical memory."""
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): assume 16 GiB
-        return 16 * 2**30

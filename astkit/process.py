@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from astkit import allocator, distributed
@@ -35,3 +37,13 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda requested but no CUDA GPU is available; use --device cpu")
     return device
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """The total memory of ``device``: the GPU's, or the machine's physical memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): assume 16 GiB
+        return 16 * 2**30
