@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from astkit.functional import FlatModel
-from astkit.matching import MatchPoint, choose_segment, graph_bytes, matching_loss, sqrt_segment, unroll
+from astkit.matching import MatchPoint, choose_segment, graph_bytes, matching_loss, unroll
 
 
 def tiny_net(dtype=torch.float64):
@@ -125,7 +125,7 @@ def test_segment_recomputation_gives_the_full_graph_gradients():
     schedule = [MatchPoint(2, 1, 0.7), MatchPoint(6, 1, 0.4), MatchPoint(7, 2, 1.0)]  # 6, 7: in the last segment
     augment = DSA("color_crop_flip_scale")
     results = []
-    for segment in (0, 1, 3, 4):
+    for segment in (0, 1, 3, 4, 6):
         for momentum in (0.0, 0.9):
             x = images.clone().requires_grad_(True)
             lr = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
@@ -142,16 +142,33 @@ def test_segment_recomputation_gives_the_full_graph_gradients():
         torch.testing.assert_close(glr, ref[4], rtol=1e-9, atol=1e-12)
 
 
-def test_auto_recompute_segment_keeps_the_graph_that_fits_else_square_root_segments():
-    """``auto``: the whole graph when it fits the budget, else ceil(sqrt(steps)) segments (fewer if one
-    segment would not fit); an integer is used as given."""
-    assert {n: sqrt_segment(n) for n in (1, 2, 3, 4, 10, 20, 50, 80)} == {
-        1: 0, 2: 0, 3: 2, 4: 2, 10: 4, 20: 5, 50: 8, 80: 9}
+def test_segments_are_cut_back_from_the_last_step_so_only_the_steps_before_the_last_segment_run_twice():
+    """7 steps in segments of 3 (1 + 3 + 3): the forward pass runs steps 1-4 first-order and 5-7 with their
+    graph, the backward pass recomputes 2-4 then 1: 7 + 4 student forwards in all."""
+    flat, start, targets, images, labels = tiny_problem()
+    for segment, forwards in ((0, 7), (3, 11), (6, 8), (1, 13)):
+        calls = []
+
+        def forward(theta, x):
+            calls.append(1)
+            return flat(theta, x)
+
+        x = images.clone().requires_grad_(True)
+        lr = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+        student = unroll(forward, start.clone().requires_grad_(True), x, labels, lr, 7, segment=segment)
+        torch.autograd.grad(((student[7] - targets[2]) ** 2).sum(), (x, lr))
+        assert len(calls) == forwards, segment
+
+
+def test_auto_recompute_segment_keeps_the_graph_that_fits_else_the_longest_segments_of_which_two_fit():
+    """``auto``: the whole graph when it fits the budget, else as many steps per segment as fit twice in it
+    (at least one); an integer is used as given."""
     assert choose_segment("auto", 20, step_bytes=100, budget_bytes=2000) == 0  # 20 steps fit
-    assert choose_segment("auto", 20, step_bytes=100, budget_bytes=1999) == 5  # they do not: sqrt
-    assert choose_segment("auto", 20, step_bytes=100, budget_bytes=300) == 3  # one segment of 5 would not fit
-    assert choose_segment("auto", 20, step_bytes=100, budget_bytes=10) == 1
-    assert choose_segment("auto", 2, step_bytes=100, budget_bytes=10) == 0  # nothing smaller to make
+    assert choose_segment("auto", 20, step_bytes=100, budget_bytes=1999) == 9  # they do not: two segments of 9 do
+    assert choose_segment("auto", 20, step_bytes=100, budget_bytes=1000) == 5
+    assert choose_segment("auto", 20, step_bytes=100, budget_bytes=399) == 1
+    assert choose_segment("auto", 20, step_bytes=100, budget_bytes=10) == 1  # not even one: one at a time
+    assert choose_segment("auto", 80, step_bytes=100, budget_bytes=7999) == 39
     assert choose_segment(0, 20, 100, 10) == 0 and choose_segment(7, 20, 100, 10**9) == 7
 
 

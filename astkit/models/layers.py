@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from astkit.errors import UserError
+from astkit.models.avg_pool import AvgPool2d
 from astkit.models.instance_norm import InstanceNorm
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "none")
@@ -58,12 +59,13 @@ def check_pooling(pooling: str, model: str = "model") -> str:
 
 
 def make_pool(pooling: str, size: tuple[int, int]) -> tuple[nn.Module, tuple[int, int]]:
-    """A 2x2/stride-2 pool that skips any side already at 1 px, and the new size."""
+    """A 2x2/stride-2 pool that skips any side already at 1 px, and the new size (average pooling as
+    :class:`~astkit.models.avg_pool.AvgPool2d`, faster on 2x2 windows)."""
     h, w = size
     kernel = (2 if h >= 2 else 1, 2 if w >= 2 else 1)
     if pooling == "none" or kernel == (1, 1):
         return nn.Identity(), size
-    pool = nn.AvgPool2d(kernel, kernel) if pooling == "avgpool" else nn.MaxPool2d(kernel, kernel)
+    pool = AvgPool2d(kernel, kernel) if pooling == "avgpool" else nn.MaxPool2d(kernel, kernel)
     return pool, (h // kernel[0], w // kernel[1])
 
 
