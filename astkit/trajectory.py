@@ -59,6 +59,18 @@ class ModelSpec:
         return cls(data["name"], int(data["channels"]), int(data["num_classes"]),
                    tuple(data["image_size"]), dict(data.get("options", {})), int(data.get("revision", 1)))
 
+    def canonical(self) -> "ModelSpec":
+        """This spec without the options given at the model's default value: the same network either way
+        (``width = 128`` written out or left to the default). Models astkit does not know are left as they are."""
+        from astkit.models.registry import default_options
+
+        try:
+            defaults = default_options(self.name)
+        except UserError:
+            return self
+        options = {k: v for k, v in self.options.items() if not (k in defaults and defaults[k] == v)}
+        return ModelSpec(self.name, self.channels, self.num_classes, tuple(self.image_size), options, self.revision)
+
     def retired(self) -> str | None:
         """What this spec's network was, if it was recorded by an earlier astkit
         that built it differently (see :func:`astkit.models.revision.retired_network`);
@@ -83,7 +95,7 @@ def check_made_for(meta: dict[str, Any], path: Path | str, spec: ModelSpec, data
         recorded = ModelSpec.from_json(meta["model"])
     except (KeyError, TypeError, ValueError):
         raise FileFormatError(f"{path}: the {kind} file records no model; the file is damaged or from another tool") from None
-    if recorded != spec:
+    if recorded.canonical() != spec.canonical():
         fix = ("point experts.dir at matching experts or retrain them" if kind == "expert"
                else "resume with the config the checkpoint was made with, or start without --resume")
         raise FileFormatError(f"{path}: made for {describe(recorded)}, this run uses {describe(spec)}; {fix}")

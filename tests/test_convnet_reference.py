@@ -192,6 +192,22 @@ def test_other_differences_keep_the_usual_message():
     assert "earlier" not in str(info.value)
 
 
+def test_options_written_at_their_default_value_name_the_same_network():
+    """``width = 128`` written out, or a variant's fixed option repeated, is the network of the default; a real
+    difference (or a model astkit does not know) is still compared as written."""
+    def recorded(name, options):
+        return {"model": {"name": name, "channels": 1, "num_classes": 10, "image_size": [28, 28], "options": options,
+                          "revision": REVISION}}
+
+    check_made_for(recorded("convnet", {"width": 128, "norm": "instancenorm"}), "e", ModelSpec("convnet", 1, 10, (28, 28)), DATA)
+    check_made_for(recorded("convnet", {}), "e", ModelSpec("convnet", 1, 10, (28, 28), {"pooling": "avgpool"}), DATA)
+    check_made_for(recorded("convnet-w32", {"width": 32}), "e", ModelSpec("convnet-w32", 1, 10, (28, 28)), DATA)
+    with pytest.raises(FileFormatError, match=r"made for convnet\(width=64\)"):
+        check_made_for(recorded("convnet", {"width": 64}), "e", ModelSpec("convnet", 1, 10, (28, 28)), DATA)
+    with pytest.raises(FileFormatError, match=r"made for mine\(width=128\)"):
+        check_made_for(recorded("mine", {"width": 128}), "e", ModelSpec("mine", 1, 10, (28, 28)), DATA)
+
+
 def test_old_files_whose_network_did_not_change_stay_valid():
     for spec in (ModelSpec("convnet", 1, 10, (8, 8), {"width": 8}),    # digits
                  ModelSpec("convnet", 3, 10, (32, 32)),                  # CIFAR

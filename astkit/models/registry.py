@@ -52,6 +52,19 @@ def model_options(factory: ModelFactory) -> list[str] | None:
     return [p.name for p in params if p.kind in kinds and p.name not in _POSITIONAL]
 
 
+def default_options(name: str, registry: Mapping[str, ModelFactory] | None = None) -> dict[str, Any]:
+    """The option values ``name``'s factory takes when none is given (a variant's fixed ones included);
+    empty when the factory cannot be inspected."""
+    factory = get_factory(name, registry)
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    defaults = {p.name: p.default for p in params
+                if p.default is not p.empty and p.name not in _POSITIONAL and p.kind is not p.VAR_KEYWORD}
+    return {**defaults, **getattr(factory, "fixed", {})}
+
+
 def describe_model(name: str, registry: Mapping[str, ModelFactory] | None = None) -> str:
     """One line about ``name``: the first line of its factory's docstring."""
     doc = inspect.getdoc(get_factory(name, registry)) or ""
