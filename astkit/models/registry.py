@@ -40,8 +40,9 @@ def get_factory(name: str, registry: Mapping[str, ModelFactory] | None = None) -
     raise UserError(f"unknown model {name!r}; known models: {', '.join(sorted(models))}")
 
 
-def model_options(factory: ModelFactory) -> list[str] | None:
-    """The option names ``factory`` accepts, or None if it takes any (``**kwargs``) or can't be inspected."""
+def _option_parameters(factory: ModelFactory) -> list[inspect.Parameter] | None:
+    """The named option parameters of ``factory`` (not channels, classes, image size), or None if it takes
+    any (``**kwargs``) or can't be inspected."""
     try:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):
@@ -49,19 +50,20 @@ def model_options(factory: ModelFactory) -> list[str] | None:
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in params if p.kind in kinds and p.name not in _POSITIONAL]
+    return [p for p in params if p.kind in kinds and p.name not in _POSITIONAL]
+
+
+def model_options(factory: ModelFactory) -> list[str] | None:
+    """The option names ``factory`` accepts, or None if it takes any (``**kwargs``) or can't be inspected."""
+    params = _option_parameters(factory)
+    return None if params is None else [p.name for p in params]
 
 
 def default_options(name: str, registry: Mapping[str, ModelFactory] | None = None) -> dict[str, Any]:
     """The option values ``name``'s factory takes when none is given (a variant's fixed ones included);
-    empty when the factory cannot be inspected."""
+    only the fixed ones when the factory cannot be inspected."""
     factory = get_factory(name, registry)
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return {}
-    defaults = {p.name: p.default for p in params
-                if p.default is not p.empty and p.name not in _POSITIONAL and p.kind is not p.VAR_KEYWORD}
+    defaults = {p.name: p.default for p in _option_parameters(factory) or [] if p.default is not p.empty}
     return {**defaults, **getattr(factory, "fixed", {})}
 
 
