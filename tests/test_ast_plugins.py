@@ -176,7 +176,6 @@ def test_penalty_subsample_is_the_same_for_a_linear_model():
 # --------------------------------------------------- representative init
 def train_expert_on_digits(digits):
     from astkit.functional import FlatModel
-    from astkit.models import build_model
     from astkit.trajectory import ModelSpec, Trajectory
 
     spec = ModelSpec("convnet", 1, 10, (8, 8), {"width": 8})

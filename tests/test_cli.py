@@ -328,6 +328,44 @@ def test_datasets_and_models(capsys):
     assert "convnet" in out and "resnet18" in out
 
 
+def test_datasets_and_models_name_the_plugin_that_registered_them(monkeypatch, capsys):
+    from torch import nn
+
+    from astkit import hookimpl
+    from astkit.cli import main
+    from astkit.plugins import PluginSet
+
+    def tiny_mlp(channels, num_classes, image_size, *, hidden: int = 4):
+        """A two-layer perceptron from a plugin."""
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def blobs(root=None):
+        """Gaussian blobs from a plugin."""
+        raise AssertionError("listing must not load the data")
+
+    class Zoo:
+        astkit_plugin_name = "zoo"
+
+        @hookimpl
+        def astkit_register_models(self, register):
+            register("tiny-mlp", tiny_mlp)
+
+        @hookimpl
+        def astkit_register_datasets(self, register):
+            register("blobs", blobs)
+
+    real = PluginSet.discover.__func__
+    monkeypatch.setattr(PluginSet, "discover", classmethod(lambda cls, extra=(): real(cls, [*extra, Zoo()])))
+    assert main(["models"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "tiny-mlp" in line)
+    assert "plugin zoo" in row and "hidden" in row and "two-layer perceptron" in row
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "blobs" in line)
+    assert "plugin zoo" in row and "Gaussian blobs" in row
+    assert "built in" in next(line for line in out.splitlines() if "digits" in line)
+
+
 # -------------------------------------------------------------- errors
 @pytest.mark.parametrize("args, fragments", [
     (["run", "--dataset", "no-such-data"], ["unknown dataset 'no-such-data'"]),

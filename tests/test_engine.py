@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from astkit import DistilledSet, Engine, Trajectory
 from astkit.errors import FileFormatError, UserError
-from astkit.matching import MatchPoint, matching_loss, unroll
 
 from conftest import tiny_config
 

@@ -283,55 +283,56 @@ def _owners(found: Any, kind: str) -> dict[str, str]:
     return owners
 
 
-def datasets() -> None:
-    """List the dataset names a run accepts (--dataset), built in and from plugins."""
-    from astkit.data import BUILTIN_DATASETS, describe_dataset
+def _registry_table(kind: str, builtin: dict, title: str, columns: dict[str, Any]) -> None:
+    """Print one row per registered ``kind`` name (built in and from plugins): name, origin, then ``columns``.
+
+    ``columns`` maps a column's heading to ``f(name, registry) -> str``; a
+    cell that raises shows ``(no <heading>: reason)``, so one bad entry never
+    hides the rest.
+    """
     from astkit.plugins import collect_registrations
 
     found = common.session().plugins
-    registry = collect_registrations(found.catalog(), "dataset", BUILTIN_DATASETS)
-    owners = _owners(found, "dataset")
-    table = Table(title="Datasets (--dataset NAME)", title_justify="left")
+    registry = collect_registrations(found.catalog(), kind, builtin)
+    owners = _owners(found, kind)
+    table = Table(title=title, title_justify="left")
     table.add_column("name", no_wrap=True, style="bold")
     table.add_column("from", no_wrap=True)
-    table.add_column("description")
+    for heading in columns:
+        table.add_column(heading)
     for name in sorted(registry):
-        try:
-            text = describe_dataset(name, registry)
-            text = text[len(name) + 1:].strip() if text.startswith(f"{name}:") else text
-        except Exception as exc:  # noqa: BLE001 - one bad entry must not hide the rest
-            text = f"(no description: {exc})"
-        source = "built in" if name in BUILTIN_DATASETS else f"plugin {owners.get(name, '?')}"
-        table.add_row(escape(name), escape(source), escape(text))
+        cells = []
+        for heading, cell in columns.items():
+            try:
+                cells.append(cell(name, registry))
+            except Exception as exc:  # noqa: BLE001 - one bad entry must not hide the rest
+                cells.append(f"(no {heading}: {exc})")
+        source = "built in" if name in builtin else f"plugin {owners.get(name, '?')}"
+        table.add_row(escape(name), escape(source), *(escape(c) for c in cells))
     common.out_console().print(table)
+
+
+def datasets() -> None:
+    """List the dataset names a run accepts (--dataset), built in and from plugins."""
+    from astkit.data import BUILTIN_DATASETS, describe_dataset
+
+    def description(name: str, registry: dict) -> str:
+        text = describe_dataset(name, registry)
+        return text[len(name) + 1:].strip() if text.startswith(f"{name}:") else text
+
+    _registry_table("dataset", BUILTIN_DATASETS, "Datasets (--dataset NAME)", {"description": description})
 
 
 def models() -> None:
     """List the network architectures (model.name, evaluate --models), built in and from plugins."""
     from astkit.models import BUILTIN_MODELS, describe_model, model_options
-    from astkit.plugins import collect_registrations
 
-    found = common.session().plugins
-    registry = collect_registrations(found.catalog(), "model", BUILTIN_MODELS)
-    owners = _owners(found, "model")
-    table = Table(title="Models (--set model.name=NAME, evaluate --models A,B)", title_justify="left")
-    table.add_column("name", no_wrap=True, style="bold")
-    table.add_column("from", no_wrap=True)
-    table.add_column("options")
-    table.add_column("description")
-    for name in sorted(registry):
-        try:
-            text = describe_model(name, registry)
-        except Exception as exc:  # noqa: BLE001
-            text = f"(no description: {exc})"
-        try:
-            opts = model_options(registry[name])
-            options = "any" if opts is None else ", ".join(opts) or "-"
-        except Exception:  # noqa: BLE001
-            options = "?"
-        source = "built in" if name in BUILTIN_MODELS else f"plugin {owners.get(name, '?')}"
-        table.add_row(escape(name), escape(source), escape(options), escape(text))
-    common.out_console().print(table)
+    def options(name: str, registry: dict) -> str:
+        opts = model_options(registry[name])
+        return "any" if opts is None else ", ".join(opts) or "-"
+
+    _registry_table("model", BUILTIN_MODELS, "Models (--set model.name=NAME, evaluate --models A,B)",
+                    {"options": options, "description": describe_model})
 
 
 def register(app: typer.Typer) -> None:
