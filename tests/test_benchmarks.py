@@ -154,3 +154,28 @@ def test_equal_work_quick_compares_equal_work(tmp_path):
         assert r["ok"] and r["seconds_per_iteration"] > 0 and r["peak_rss_bytes"] > 0
     for s in data["summary"]:
         assert _number(s["speedup_median"]) and _number(s["memory_ratio_median"])
+
+
+def test_reproduce_fmnist_records_a_diverged_run_and_goes_on(tmp_path, monkeypatch):
+    """A run the engine stops as diverged is a result: recorded, shown as such, and the stage carries on."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_fmnist", BENCHMARKS / "reproduce_fmnist.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    work = tmp_path / "work"
+    script.stage_experts(script.QUICK, work, 0, ["mtt"])
+    # an lr step so large that the learned lr leaves its sane range on every iteration
+    monkeypatch.setitem(script.RUNS, "mtt-ipc1", {**script.RUNS["mtt-ipc1"], "distill": {"ipc": 1, "lr_lr": 1e4, "iterations": 6, "max_divergences": 2}})
+    script.stage_distill(script.QUICK, work, 0, ["mtt-ipc1", "mtt"])
+    diverged = json.loads((work / "runs" / "mtt-ipc1" / "summary.json").read_text())
+    assert "distillation diverged" in diverged["diverged"] and diverged["seconds"]["distill"] > 0
+    assert 0 <= json.loads((work / "runs" / "mtt" / "summary.json").read_text())["final"]["mean"] <= 1
+    script.stage_distill(script.QUICK, work, 0, ["mtt-ipc1"])  # done: not run again
+    assert json.loads((work / "runs" / "mtt-ipc1" / "summary.json").read_text()) == diverged
+    report = script.stage_report(script.QUICK, work, None)
+    assert "runs/mtt-ipc1" not in report["missing"]
+    text = script.markdown(report)
+    row = next(line for line in text.splitlines() if line.startswith("| 1 |"))
+    assert row.split(" | ")[4] == "diverged"  # MTT (SGD experts) at ipc 1
+    assert f"* mtt-ipc1: {diverged['diverged']}" in text
