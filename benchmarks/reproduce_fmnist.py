@@ -372,6 +372,17 @@ def _minutes(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds / 60:.1f}"
 
 
+def _curves(runs: dict, curves: list[tuple[str, str]]) -> list[str]:
+    """One bullet per (label, run): the run's accuracy at each evaluated iteration."""
+    lines = []
+    for label, key in curves:
+        run = runs.get(key)
+        points = ("not run" if run is None else "diverged" if "diverged" in run
+                  else ", ".join(f"{it}: {100 * acc:.2f}" for it, acc in run["accuracy_vs_iteration"]))
+        lines.append(f"* {label}: {points}")
+    return lines
+
+
 def markdown(report: dict) -> str:
     experts, runs, baselines = report["experts"], report["distill"], report["baselines"]
     lines = ["Table VII shape (ipc 10; the `ast` preset's expert optimiser on every row; experts' mean over the set, "
@@ -414,11 +425,10 @@ def markdown(report: dict) -> str:
     curves += [(f"+ {plugin}" + (" (AST)" if i == len(AST_STAGE2) else ""),
                 "ast" if i == len(AST_STAGE2) else f"table8-{i}-{plugin}") for i, plugin in enumerate(AST_STAGE2, 1)]
     curves += [("AST (`ast-reference`)", "ast-reference")]
-    for label, key in curves:
-        run = runs.get(key)
-        points = ("not run" if run is None else f"diverged: {run['diverged']}" if "diverged" in run
-                  else ", ".join(f"{it}: {100 * acc:.2f}" for it, acc in run["accuracy_vs_iteration"]))
-        lines.append(f"* {label}: {points}")
+    lines += _curves(runs, curves)
+    lines += ["", "Accuracy against iterations (%, ipc 1)", ""]
+    lines += _curves(runs, [(label, keys[1]) for label, keys in METHODS.items()]
+                     + [(f"{label}, lr_lr {IPC1_LR_LR:g}", run) for label, run in TUNED_IPC1.items()])
     spikes = [(name, run["image_grad_norm"]) for name, run in runs.items() if run and run.get("image_grad_norm")]
     if spikes:
         lines += ["", "Image-gradient norm per iteration (from the metrics.jsonl of each run whose file was at hand when a report was made)", "",

@@ -178,4 +178,4 @@ def test_reproduce_fmnist_records_a_diverged_run_and_goes_on(tmp_path, monkeypat
     text = script.markdown(report)
     row = next(line for line in text.splitlines() if line.startswith("| 1 |"))
     assert row.split(" | ")[4] == "diverged"  # MTT (SGD experts) at ipc 1
-    assert f"* mtt-ipc1: {diverged['diverged']}" in text
+    assert f"* mtt-ipc1: {diverged['diverged']}" in text and "* MTT (SGD experts): diverged" in text
