@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from astkit.config import RunConfig
@@ -33,3 +35,14 @@ def digits():
     from astkit.data import load_dataset
 
     return load_dataset("digits")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_raises_keyboard_interrupt():
+    """Tests send real Ctrl-Cs (to this process and to CLI subprocesses). A suite started in the background
+    (``cmd &`` without job control) inherits SIGINT ignored, and so would every subprocess; Python's
+    default handler makes both behave as at a terminal (an exec resets a handled signal to its default)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
